@@ -1,0 +1,27 @@
+# `make run` sets up .venv and trains the quickstart; `make test` sets up .venv and runs the tests.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q fbgemm-gpu-cpu==1.8.0
+	# --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu (see pyproject.toml).
+	$(BIN)/pip install -q --no-deps torchrec==1.8.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/recmem quickstart --config jobs/configs/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15
+
+clean:
+	rm -rf $(VENV) runs mlruns mlflow.db data/synthetic

@@ -1,0 +1,276 @@
+"""Typed, strict configuration: dataclasses loaded from YAML with ``a.b=value`` overrides.
+
+Every section is a dataclass with defaults, so an empty YAML file is a working config (the embedded
+quickstart). Unknown keys, wrong types and missing files raise :class:`ConfigError` naming the dotted
+path (``train.lr``) or the file. Builders elsewhere turn these into plain constructor arguments; no
+class body ever reads a config object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
+CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the file or the dotted key at fault."""
+
+
+@dataclass
+class SchemaConfig:
+    """Which columns of a click log mean what. Criteo's layout is the default."""
+
+    label: str = "label"
+    dense: list[str] = field(default_factory=lambda: list(CRITEO_DENSE))
+    sparse: list[str] = field(default_factory=lambda: list(CRITEO_SPARSE))
+    event_time: str | None = "event_time"
+    true_prob: str | None = "true_prob"
+
+
+@dataclass
+class RawConfig:
+    """A raw click log (Criteo TSV, CSV) to convert into Parquet with ``recmem prepare``."""
+
+    path: str = ""
+    delimiter: str = "\t"
+    header: bool = False
+    columns: list[str] = field(default_factory=list)
+    hex_ids: bool = True
+    valid_rows: int = 0
+    valid_fraction: float = 0.1
+    chunk_rows: int = 200_000
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class SyntheticConfig:
+    """recmem's Criteo-shaped generator (``recmem generate``)."""
+
+    train_rows: int = 600_000
+    valid_rows: int = 100_000
+    seed: int = 0
+    chunk_rows: int = 100_000
+    num_days: int = 7
+
+
+@dataclass
+class DataConfig:
+    """Where the Parquet lives and how it is read.
+
+    ``root`` holds ``train/``, ``valid/`` (Parquet parts) and ``stats.json`` (feature statistics).
+    """
+
+    root: str = "data/synthetic"
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
+    raw: RawConfig = field(default_factory=RawConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    batch_size: int = 4096
+    shuffle_buffer_batches: int = 0
+
+
+@dataclass
+class TableConfig:
+    """One block of tables: every listed feature gets its own table of this kind.
+
+    ``feature_names`` empty means every sparse feature not claimed by an earlier block. ``options``
+    holds the kind's own knobs, checked against that kind's options dataclass when it is built.
+    """
+
+    kind: str = "full"
+    embedding_dim: int = 16
+    feature_names: list[str] = field(default_factory=list)
+    num_embeddings: int = 0
+    learning_rate: float = 0.05
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The dense architecture and the tables it sits on."""
+
+    arch: Literal["dlrm", "dcnv2", "deepfm"] = "dlrm"
+    bottom_mlp: list[int] = field(default_factory=lambda: [512, 256, 16])
+    top_mlp: list[int] = field(default_factory=lambda: [512, 256, 1])
+    cross_layers: int = 3
+    tables: list[TableConfig] = field(default_factory=lambda: [TableConfig()])
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 1
+    max_steps: int = 0
+    dense_optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
+    learning_rate: float = 0.01
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 0
+    checkpoint_dir: str = "runs/checkpoints"
+    resume: bool = True
+    evict_every: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. Empty ``tracking_uri`` means ``MLFLOW_TRACKING_URI`` or the local SQLite store."""
+
+    tracking_uri: str = ""
+    experiment: str = "recmem"
+    run_name: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    """The whole job."""
+
+    seed: int = 0
+    workdir: str = "."
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def from_dict(cls: Any, data: Any, path: str = "") -> Any:
+    """Build ``cls`` (a dataclass, container or scalar type) from plain YAML data, strictly.
+
+    Raises:
+        ConfigError: naming the dotted ``path`` of an unknown key or a value of the wrong type.
+    """
+    where = path or "<root>"
+    origin = typing.get_origin(cls)
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{_join(path, unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs = {k: from_dict(hints[k], v, _join(path, k)) for k, v in data.items()}
+        return cls(**kwargs)
+    if cls is Any:
+        return data
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(cls)
+        if data is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return from_dict(arg, data, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        allowed = typing.get_args(cls)
+        if data not in allowed:
+            raise ConfigError(f"{where}: {data!r} is not one of {list(allowed)}")
+        return data
+    if origin is list:
+        if not isinstance(data, list):
+            raise ConfigError(f"{where}: expected a list, got {type(data).__name__}")
+        (item,) = typing.get_args(cls)
+        return [from_dict(item, v, f"{where}.{i}") for i, v in enumerate(data)]
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        _, value_type = typing.get_args(cls)
+        return {str(k): from_dict(value_type, v, _join(path, str(k))) for k, v in data.items()}
+    return _scalar(cls, data, where)
+
+
+def _scalar(cls: type, data: Any, where: str) -> Any:
+    if cls is float and isinstance(data, int) and not isinstance(data, bool):
+        return float(data)
+    if cls is int and isinstance(data, bool) or not isinstance(data, cls):
+        raise ConfigError(f"{where}: expected {cls.__name__}, got {data!r} ({type(data).__name__})")
+    return data
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (for YAML dumps and MLflow params)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to raw config data in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr=0.01")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_index(node, part, parts[: i + 1])]
+        else:
+            node = node.setdefault(part, {})
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(node, list):
+        node[_index(node, parts[-1], parts)] = value
+    elif isinstance(node, dict):
+        node[parts[-1]] = value
+    else:
+        raise ConfigError(f"{key}: {'.'.join(parts[:-1])} is not a section")
+
+
+def _index(node: list, part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{'.'.join(parts)}: no list item {part!r} (the list has {len(node)})")
+    return int(part)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config, apply ``key=value`` overrides, and check it strictly.
+
+    Args:
+        path: a YAML file, or None for the embedded defaults.
+        overrides: ``a.b=value`` strings applied after the file.
+
+    Raises:
+        ConfigError: a missing or unparsable file, an unknown key, or a wrong type.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    data = _with_default_tables(data)
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def _with_default_tables(data: dict[str, Any]) -> dict[str, Any]:
+    """Materialise the default table list so ``model.tables.0.kind=hash`` overrides work."""
+    model = data.setdefault("model", {}) if isinstance(data, dict) else {}
+    if isinstance(model, dict) and "tables" not in model:
+        model["tables"] = [{}]
+    return data

@@ -1,0 +1,1 @@
+"""Reading click logs, generating synthetic ones, and turning columns into Batches."""

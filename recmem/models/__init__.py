@@ -1,0 +1,1 @@
+"""Dense architectures (DLRM, DCNv2) on top of any table kind."""

@@ -1,0 +1,1 @@
+"""MLflow tracking: the one place rank 0 writes params, metrics and artifacts."""
