@@ -38,7 +38,14 @@ class SchemaConfig:
 
 @dataclass
 class RawConfig:
-    """A raw click log (Criteo TSV, CSV) to convert into Parquet with ``recmem prepare``."""
+    """A raw click log (Criteo TSV, CSV) to convert into Parquet with ``recmem prepare``.
+
+    ``columns`` names the raw columns (default: the header if ``header``, else label + dense +
+    sparse). ``hex_ids`` parses categories as hex integers (Criteo), else hashes them. The last
+    ``valid_rows`` rows (or ``valid_fraction`` when 0) form the valid split. ``time_format`` is a
+    strptime format for the event-time column (e.g. ``%y%m%d%H`` for Avazu's ``hour``); empty means
+    integer seconds. Each Parquet part holds at most ``part_rows`` rows.
+    """
 
     path: str = ""
     delimiter: str = "\t"
@@ -49,6 +56,8 @@ class RawConfig:
     valid_fraction: float = 0.1
     chunk_rows: int = 200_000
     max_bad_fraction: float = 0.01
+    time_format: str = ""
+    part_rows: int = 1_000_000
 
 
 @dataclass
@@ -66,7 +75,7 @@ class SyntheticConfig:
 class DataConfig:
     """Where the Parquet lives and how it is read.
 
-    ``root`` holds ``train/``, ``valid/`` (Parquet parts) and ``stats.json`` (feature statistics).
+    ``root`` holds ``train/``, ``valid/`` (Parquet parts) and ``stats/`` (feature statistics).
     """
 
     root: str = "data/synthetic"
