@@ -1,1 +1,98 @@
-"""recmem."""
+"""Embedding tables: one file per kind, all behind the `EmbeddingTable` contract (see base.py).
+
+Adding a kind is a new file plus one line in ``TABLE_KINDS``; each kind's ``from_config`` turns its
+config block into plain constructor arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recmem.config import ConfigError, TableConfig
+from recmem.tables.full import FullTable
+from recmem.tables.hash import HashTable
+
+TABLE_KINDS = {
+    "full": FullTable,
+    "hash": HashTable,
+}
+
+
+class TableCollection(torch.nn.Module):
+    """All tables of a model: routes each feature of a raw-ID KJT to its table, in schema order.
+
+    Args:
+        tables: table modules, each owning some of ``feature_names``.
+        feature_names: every sparse feature, in the order the output stacks them.
+    """
+
+    def __init__(self, tables: list[torch.nn.Module], feature_names: list[str]) -> None:
+        super().__init__()
+        self.tables = torch.nn.ModuleList(tables)
+        self.feature_names = list(feature_names)
+        owned = [f for t in tables for f in t.feature_names]
+        # One table covering every feature in order (the common case) needs no KJT re-grouping.
+        self._passthrough = owned == self.feature_names
+        self._order = [owned.index(f) for f in self.feature_names]
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw-ID KJT of all sparse features -> [B, F, D] pooled embeddings."""
+        if self._passthrough:
+            return self.tables[0](features)
+        pooled = [t(_select(features, t.feature_names)) for t in self.tables]  # each [B, F_t, D]
+        return torch.cat(pooled, dim=1)[:, self._order]
+
+    def memory_bytes(self) -> int:
+        """Bytes in RAM over all tables."""
+        return sum(t.memory_bytes() for t in self.tables)
+
+    def stats(self) -> dict[str, float]:
+        """``<kind>_<i>/<stat>`` numbers of every table, plus the total memory."""
+        out = {"memory_bytes": float(self.memory_bytes())}
+        for i, t in enumerate(self.tables):
+            out.update({f"{i}/{k}": v for k, v in t.stats().items()})
+        return out
+
+
+def _select(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
+    if features.keys() == keys:
+        return features
+    return features.permute([features.keys().index(k) for k in keys])
+
+
+def build_tables(
+    configs: list[TableConfig], sparse_features: list[str], data_root: Path, seed: int = 0
+) -> TableCollection:
+    """Turn the ``model.tables`` blocks into a TableCollection covering every sparse feature.
+
+    A block with empty ``feature_names`` takes every feature no earlier block named.
+
+    Raises:
+        ConfigError: an unknown kind or feature, a feature claimed twice or by no block, or widths
+            that differ between blocks.
+    """
+    claimed = {f for c in configs for f in c.feature_names}
+    taken: set[str] = set()
+    tables = []
+    for i, cfg in enumerate(configs):
+        where = f"model.tables.{i}"
+        if cfg.kind not in TABLE_KINDS:
+            raise ConfigError(f"{where}.kind: unknown table kind {cfg.kind!r} (known: {sorted(TABLE_KINDS)})")
+        names = cfg.feature_names or [f for f in sparse_features if f not in claimed and f not in taken]
+        for f in names:
+            if f not in sparse_features:
+                raise ConfigError(f"{where}.feature_names: {f!r} is not a sparse feature of the schema")
+            if f in taken:
+                raise ConfigError(f"{where}.feature_names: {f!r} already has a table")
+        taken.update(names)
+        if names:
+            tables.append(TABLE_KINDS[cfg.kind].from_config(cfg, names, seed + i, Path(data_root), where))
+    missing = [f for f in sparse_features if f not in taken]
+    if missing:
+        raise ConfigError(f"model.tables: no table for features {missing}")
+    if len({c.embedding_dim for c in configs}) > 1:
+        raise ConfigError("model.tables: every block needs the same embedding_dim (models stack them)")
+    return TableCollection(tables, sparse_features)

@@ -1,0 +1,87 @@
+"""`full`: one row per ID of a known vocabulary, built from the training data's feature statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recmem.config import TableConfig, from_dict
+from recmem.tables.fused import FusedRowwiseAdagrad
+
+
+@dataclass
+class FullOptions:
+    """Knobs of the `full` kind.
+
+    Attributes:
+        min_count: IDs seen fewer times than this in the training split share one out-of-vocabulary row.
+    """
+
+    min_count: int = 1
+
+
+class FullTable(torch.nn.Module):
+    """Each feature's vocabulary (sorted raw IDs) maps to rows 0..n-1; unknown IDs share row n.
+
+    Args:
+        feature_names: the F features, one table each.
+        vocabularies: per feature, the sorted unique raw int64 IDs that own a row.
+        embedding_dim: D.
+        learning_rate: row-wise Adagrad step size.
+        seed: seeds the initial rows.
+    """
+
+    def __init__(
+        self,
+        feature_names: list[str],
+        vocabularies: list[np.ndarray],
+        embedding_dim: int,
+        learning_rate: float,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.feature_names = list(feature_names)
+        self.embedding_dim = embedding_dim
+        for i, vocab in enumerate(vocabularies):
+            self.register_buffer(f"vocab_{i}", torch.as_tensor(np.asarray(vocab, dtype=np.int64)))
+        rows = [len(v) + 1 for v in vocabularies]  # + the out-of-vocabulary row
+        self.rows = FusedRowwiseAdagrad(rows, embedding_dim, learning_rate, seed)
+
+    @classmethod
+    def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str):
+        """Build from a table block, reading vocabularies from ``data_root``'s statistics."""
+        from recmem.data.stats import load_ids
+
+        options = from_dict(FullOptions, cfg.options, f"{where}.options")
+        vocabs = [load_ids(data_root, f, options.min_count) for f in feature_names]
+        return cls(feature_names, vocabs, cfg.embedding_dim, cfg.learning_rate, seed)
+
+    def _vocab(self, i: int) -> torch.Tensor:
+        return getattr(self, f"vocab_{i}")
+
+    def remap(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw IDs -> table-local rows [N]; IDs outside the vocabulary get the OOV row."""
+        parts = []
+        for i, ids in enumerate(torch.split(features.values(), features.length_per_key())):
+            vocab = self._vocab(i)
+            pos = torch.searchsorted(vocab, ids).clamp_(max=max(len(vocab) - 1, 0))
+            known = vocab[pos] == ids if len(vocab) else torch.zeros_like(ids, dtype=torch.bool)
+            parts.append(torch.where(known, pos, len(vocab)))
+        return torch.cat(parts)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw-ID KJT of ``feature_names`` -> [B, F, D]."""
+        return self.rows(self.remap(features), features.offsets())
+
+    def memory_bytes(self) -> int:
+        """Rows + Adagrad state + the vocabularies (8 bytes per ID)."""
+        vocab = sum(self._vocab(i).numel() * 8 for i in range(len(self.feature_names)))
+        return self.rows.memory_bytes() + vocab
+
+    def stats(self) -> dict[str, float]:
+        """Rows per table in total."""
+        return {"rows": float(sum(self.rows.rows))}

@@ -1,0 +1,44 @@
+"""Single-process training and evaluation on local Parquet (the Ray path hosts the same loop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recmem.config import Config
+from recmem.data.dataset import iter_batches
+from recmem.models import build_model
+from recmem.train.checkpoint import load_latest
+from recmem.train.loop import BatchSource, TrainResult, evaluate, train
+
+
+def local_source(cfg: Config) -> BatchSource:
+    """Batches streamed from ``cfg.data.root``; training drops the last partial batch."""
+    root = Path(cfg.data.root)
+
+    def source(split: str, epoch: int, start_batch: int):
+        return iter_batches(
+            root, split, cfg.data.schema, cfg.data.batch_size,
+            drop_last=split == "train", start_batch=start_batch,
+        )
+
+    return source
+
+
+def train_local(cfg: Config) -> TrainResult:
+    """Train ``cfg`` in this process."""
+    return train(cfg, local_source(cfg))
+
+
+def evaluate_local(cfg: Config, split: str = "valid") -> dict[str, float]:
+    """Metrics of the latest checkpoint in ``cfg.train.checkpoint_dir`` on ``split``.
+
+    Raises:
+        FileNotFoundError: no checkpoint to evaluate.
+    """
+    ckpt_dir = Path(cfg.workdir) / cfg.train.checkpoint_dir
+    state = load_latest(ckpt_dir)
+    if state is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to evaluate (run `recmem train` first)")
+    model = build_model(cfg.model, cfg.data.schema, Path(cfg.data.root), cfg.seed, cfg.train.precision == "bf16")
+    model.load_state_dict(state["model"])
+    return evaluate(model, local_source(cfg)(split, 0, 0), split)

@@ -1,0 +1,146 @@
+"""The training loop: read it top to bottom. Ray Train workers host this same loop (see ray.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from recmem.config import Config
+from recmem.data.batch import Batch
+from recmem.models import CTRModel, build_model
+from recmem.tables.base import Evictable
+from recmem.train.checkpoint import load_latest, save_checkpoint
+from recmem.train.metrics import MetricAccumulator
+from recmem.tracking.logger import RunLogger
+from recmem.tracking.plots import training_curve
+
+BatchSource = Callable[[str, int, int], Iterator[Batch]]
+"""(split, epoch, start_batch) -> batches; the local source reads Parquet, Ray's reads a Data shard."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    step: int
+    metrics: dict[str, float]
+    samples_per_second: float
+    run: str
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_dense_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer of the dense layers (tables carry their own, fused into backward)."""
+    lr = cfg.train.learning_rate
+    if cfg.train.dense_optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+    if cfg.train.dense_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, foreach=True)
+    return torch.optim.Adagrad(params, lr=lr, foreach=True)
+
+
+def evaluate(model: CTRModel, batches: Iterator[Batch], split: str = "valid") -> dict[str, float]:
+    """Metrics of ``model`` over ``batches`` (no table updates, no time stamps)."""
+    acc = MetricAccumulator(split)
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            acc.update(batch, model(batch))
+    model.train()
+    return acc.compute()
+
+
+def train(
+    cfg: Config,
+    source: BatchSource,
+    rank: int = 0,
+    track: bool = True,
+    model: CTRModel | None = None,
+) -> TrainResult:
+    """Train ``cfg``'s model on ``source`` with periodic validation, checkpoints and resume.
+
+    Args:
+        cfg: the job.
+        source: yields training and validation batches; ``start_batch`` resumes mid-epoch.
+        rank: this worker's rank (only rank 0 logs, writes checkpoints and shows progress).
+        track: log to MLflow (a resumed run continues the MLflow run its checkpoint names).
+        model: a prebuilt model (tests, sharded wrappers); built from ``cfg`` when None.
+    """
+    t = cfg.train
+    model = model or build_model(cfg.model, cfg.data.schema, Path(cfg.data.root), cfg.seed, t.precision == "bf16")
+    optimizer = make_dense_optimizer(cfg, list(model.dense.parameters()))
+    evictable = [m for m in model.tables.tables if isinstance(m, Evictable)]
+    ckpt_dir = Path(cfg.workdir) / t.checkpoint_dir
+    state = load_latest(ckpt_dir) if t.resume else None
+    step, epoch, position = 0, 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+    log = RunLogger(cfg, enabled=track and rank == 0, run_id=state["run_id"] if state else None)
+
+    def checkpoint() -> None:
+        if rank == 0:
+            save_checkpoint(ckpt_dir, step, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "epoch": epoch, "position": position, "run_id": log.run_id,
+            })
+
+    def validate() -> dict[str, float]:
+        metrics = evaluate(model, source("valid", 0, 0))
+        metrics["tables/memory_bytes"] = float(model.tables.memory_bytes())
+        metrics.update({f"tables/{k}": v for k, v in model.tables.stats().items()})
+        log.log_metrics(metrics, step)
+        history.append({"step": step, **metrics})
+        return metrics
+
+    history: list[dict[str, float]] = []
+    trained, train_seconds, loss_sum, loss_n = 0, 0.0, 0.0, 0
+    bar = tqdm(desc="train", unit="batch", disable=not (t.progress and rank == 0), initial=step)
+    done = False
+    while epoch < t.epochs and not done:
+        for batch in source("train", epoch, position):
+            tick = time.perf_counter()
+            now = batch.max_event_time()
+            if now is not None:
+                for table in evictable:
+                    table.observe_time(now)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            train_seconds += time.perf_counter() - tick
+            step, position, trained = step + 1, position + 1, trained + len(batch)
+            loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+            bar.update()
+            if t.evict_every and step % t.evict_every == 0 and now is not None:
+                for table in evictable:
+                    table.evict(now)
+            if t.log_every and step % t.log_every == 0:
+                sps = trained / max(train_seconds, 1e-9)
+                log.log_metrics({"train/loss": loss_sum / loss_n, "train/samples_per_second": sps}, step)
+                history.append({"step": step, "train/loss": loss_sum / loss_n})
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", sps=f"{sps:,.0f}")
+                loss_sum, loss_n = 0.0, 0
+            if t.eval_every and step % t.eval_every == 0:
+                bar.set_postfix(valid_auc=f"{validate().get('valid/auc', float('nan')):.4f}")
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                checkpoint()
+            if t.max_steps and step >= t.max_steps:
+                done = True
+                break
+        else:
+            epoch, position = epoch + 1, 0
+    bar.close()
+    metrics = validate()
+    checkpoint()
+    sps = trained / max(train_seconds, 1e-9)
+    log.log_metrics({"train/samples_per_second": sps}, step)
+    log.log_figure(training_curve(history, cfg.tracking.run_name or cfg.model.arch), "training_curve.png")
+    log.close()
+    return TrainResult(step, metrics, sps, log.run_url(), history)
