@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from mlflow.entities import Metric, Param
 
 from recmem.config import Config, to_dict
 
@@ -67,6 +69,7 @@ class RunLogger:
             nested=nested,
         )
         self.run_id = run.info.run_id
+        self._client = mlflow.MlflowClient(self.tracking_uri)
         if run_id is None:
             self._log_config(cfg)
 
@@ -74,34 +77,35 @@ class RunLogger:
         params = flatten(to_dict(cfg))
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-            self._mlflow.log_params(dict(items[i : i + 100]))
+            self.log_params(dict(items[i : i + 100]))
         self.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log numeric metrics at ``step`` (names ``split/name``)."""
         if self.enabled:
-            clean = {k: float(v) for k, v in metrics.items() if v == v}
-            self._mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
+            self._client.log_batch(self.run_id, metrics=batch)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log extra params (e.g. the sharding plan)."""
         if self.enabled:
-            self._mlflow.log_params({k: str(v)[:500] for k, v in params.items()}, run_id=self.run_id)
+            self._client.log_batch(self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
 
     def log_text(self, text: str, name: str) -> None:
         """Write ``text`` as the artifact ``name``."""
         if self.enabled:
-            self._mlflow.log_text(text, name, run_id=self.run_id)
+            self._client.log_text(self.run_id, text, name)
 
     def log_figure(self, figure: Any, name: str) -> None:
         """Save a matplotlib figure as the artifact ``name`` (PNG)."""
         if self.enabled:
-            self._mlflow.log_figure(figure, name, run_id=self.run_id)
+            self._client.log_figure(self.run_id, figure, name)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         """Copy a local file into the run's artifacts."""
         if self.enabled:
-            self._mlflow.log_artifact(str(path), folder, run_id=self.run_id)
+            self._client.log_artifact(self.run_id, str(path), folder)
 
     def run_url(self) -> str:
         """Where to find the run: its id and tracking store."""

@@ -17,7 +17,7 @@ from recmem.tables.base import Evictable
 from recmem.train.checkpoint import load_latest, save_checkpoint
 from recmem.train.metrics import MetricAccumulator
 from recmem.tracking.logger import RunLogger
-from recmem.tracking.plots import training_curve
+from recmem.tracking.plots import plt, training_curve
 
 BatchSource = Callable[[str, int, int], Iterator[Batch]]
 """(split, epoch, start_batch) -> batches; the local source reads Parquet, Ray's reads a Data shard."""
@@ -116,7 +116,7 @@ def train(
             optimizer.step()
             train_seconds += time.perf_counter() - tick
             step, position, trained = step + 1, position + 1, trained + len(batch)
-            loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             bar.update()
             if t.evict_every and step % t.evict_every == 0 and now is not None:
                 for table in evictable:
@@ -141,6 +141,9 @@ def train(
     checkpoint()
     sps = trained / max(train_seconds, 1e-9)
     log.log_metrics({"train/samples_per_second": sps}, step)
-    log.log_figure(training_curve(history, cfg.tracking.run_name or cfg.model.arch), "training_curve.png")
+    if log.enabled:
+        figure = training_curve(history, cfg.tracking.run_name or cfg.model.arch)
+        log.log_figure(figure, "training_curve.png")
+        plt.close(figure)
     log.close()
     return TrainResult(step, metrics, sps, log.run_url(), history)

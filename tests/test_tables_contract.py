@@ -1,0 +1,132 @@
+"""The contract every table kind meets: shapes, sparse training, state round trip, memory accounting.
+
+A new kind must add an entry to KIND_CONFIGS (the test below fails until it does).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recmem.config import ConfigError, TableConfig
+from recmem.tables import TABLE_KINDS, build_tables
+from recmem.tables.base import EmbeddingTable
+from tests.conftest import small_schema
+
+SCHEMA = small_schema()
+KIND_CONFIGS = {
+    "full": TableConfig(kind="full", embedding_dim=8),
+    "hash": TableConfig(kind="hash", embedding_dim=8, num_embeddings=64),
+}
+
+
+def test_every_kind_is_covered():
+    assert set(KIND_CONFIGS) == set(TABLE_KINDS)
+
+
+def _kjt(ids_per_feature: list[list[list[int]]]) -> KeyedJaggedTensor:
+    """Per feature, per row, a bag of raw IDs."""
+    lengths = [len(bag) for feature in ids_per_feature for bag in feature]
+    values = [i for feature in ids_per_feature for bag in feature for i in bag]
+    return KeyedJaggedTensor.from_lengths_sync(
+        SCHEMA.sparse, torch.tensor(values, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int32)
+    )
+
+
+def _known_ids(root, n=3):
+    from recmem.data.stats import load_ids
+
+    return [load_ids(root, f)[:n].tolist() for f in SCHEMA.sparse]
+
+
+@pytest.fixture(params=sorted(KIND_CONFIGS))
+def tables(request, tiny_root):
+    return build_tables([KIND_CONFIGS[request.param]], SCHEMA.sparse, tiny_root, seed=1)
+
+
+def test_forward_shape_and_pooling(tables, tiny_root):
+    ids = _known_ids(tiny_root)
+    bags = [[[f[0]], [f[0], f[1]], []] for f in ids]  # rows: one ID, two IDs, empty bag
+    out = tables(_kjt(bags))
+    assert out.shape == (3, len(SCHEMA.sparse), 8)
+    single = tables(_kjt([[[f[0]], [f[1]], []] for f in ids]))
+    torch.testing.assert_close(out[1], single[0] + single[1])  # sum pooling
+    assert torch.all(out[2] == 0)  # an empty bag pools to zero
+    assert isinstance(tables.tables[0], EmbeddingTable)
+
+
+def test_backward_updates_only_touched_rows(tables, tiny_root):
+    ids = _known_ids(tiny_root)
+    probe = _kjt([[[f[1]]] for f in ids])
+    before_untouched = tables(probe).detach().clone()
+    batch = _kjt([[[f[0]]] for f in ids])
+    before = tables(batch).detach().clone()
+    tables(batch).sum().backward()
+    after = tables(batch).detach()
+    assert not torch.allclose(before, after), "the fused optimizer must move the looked-up rows"
+    assert (after - before).sum() < 0, "minimising the sum pushes embeddings down"
+    if not isinstance(tables.tables[0], TABLE_KINDS["hash"]):  # hash rows may collide
+        torch.testing.assert_close(tables(probe), before_untouched)
+
+
+def test_state_round_trip_continues_identically(tables, tiny_root):
+    ids = _known_ids(tiny_root)
+    batch = _kjt([[[f[0]], [f[2]]] for f in ids])
+    tables(batch).sum().backward()
+    buffer = io.BytesIO()
+    torch.save(tables.state_dict(), buffer)
+    clone = build_tables([KIND_CONFIGS[_kind(tables)]], SCHEMA.sparse, tiny_root, seed=99)
+    buffer.seek(0)
+    clone.load_state_dict(torch.load(buffer))
+    torch.testing.assert_close(clone(batch), tables(batch))
+    for t in (tables, clone):  # one more step each: optimizer state must have travelled too
+        t(batch).pow(2).sum().backward()
+    torch.testing.assert_close(clone(batch), tables(batch))
+
+
+def test_memory_accounting(tables):
+    # fbgemm keeps rows (weights_host) and the Adagrad state (momentum1_host) as parameters
+    held = sum(p.numel() * p.element_size() for p in tables.parameters())
+    reported = tables.memory_bytes()
+    assert reported >= held
+    assert reported <= 1.5 * held + 64 * 1024
+    assert tables.stats()["memory_bytes"] == reported
+
+
+def _kind(tables) -> str:
+    return next(k for k, cls in TABLE_KINDS.items() if isinstance(tables.tables[0], cls))
+
+
+def test_build_errors_name_the_key(tiny_root):
+    with pytest.raises(ConfigError, match="model.tables.0.kind: unknown table kind 'nope'"):
+        build_tables([TableConfig(kind="nope")], SCHEMA.sparse, tiny_root)
+    with pytest.raises(ConfigError, match="model.tables.0.num_embeddings"):
+        build_tables([TableConfig(kind="hash")], SCHEMA.sparse, tiny_root)
+    with pytest.raises(ConfigError, match="model.tables.0.options.min_cnt: unknown key"):
+        build_tables([TableConfig(kind="full", options={"min_cnt": 2})], SCHEMA.sparse, tiny_root)
+    with pytest.raises(ConfigError, match="'C9' is not a sparse feature"):
+        build_tables([TableConfig(feature_names=["C9"])], SCHEMA.sparse, tiny_root)
+    with pytest.raises(ConfigError, match="no table for features"):
+        build_tables([TableConfig(feature_names=["C1"])], SCHEMA.sparse, tiny_root)
+
+
+def test_mixed_blocks_route_features_in_schema_order(tiny_root):
+    blocks = [TableConfig(kind="hash", num_embeddings=32, feature_names=["C3", "C1"]), TableConfig(kind="full")]
+    mixed = build_tables(blocks, SCHEMA.sparse, tiny_root)
+    ids = _known_ids(tiny_root)
+    batch = _kjt([[[f[0]]] for f in ids])
+    out = mixed(batch)
+    hashed = mixed.tables[0](KeyedJaggedTensor.from_lengths_sync(
+        ["C3", "C1"], torch.tensor([ids[2][0], ids[0][0]]), torch.tensor([1, 1], dtype=torch.int32)
+    ))
+    torch.testing.assert_close(out[:, 2], hashed[:, 0])
+    torch.testing.assert_close(out[:, 0], hashed[:, 1])
+
+
+def test_full_min_count_shrinks_vocabulary(tiny_root):
+    all_ids = build_tables([TableConfig(kind="full")], SCHEMA.sparse, tiny_root)
+    frequent = build_tables([TableConfig(kind="full", options={"min_count": 20})], SCHEMA.sparse, tiny_root)
+    assert frequent.memory_bytes() < all_ids.memory_bytes()
