@@ -98,6 +98,7 @@ def test_malformed_rows_counted_reported_and_skipped(tmp_path):
     assert "I3" in reasons[1] and "'12abc'" in reasons[1]
     assert "label" in reasons[2] and "label" in reasons[3]  # "2", and the empty line's missing label
     assert "C7" in reasons[4] and "'zz12'" in reasons[4]
+    assert "bad 5" in str(report) and "line 13: C7" in str(report)
     _assert_rows_equal(splits["train"], [_reference(line) for line in good])
 
 

@@ -78,6 +78,13 @@ class ConversionReport:
         """The first bad lines as ``line N: reason`` text, one per line."""
         return "\n".join(f"  line {b.line}: {b.reason}" for b in self.first_bad)
 
+    def __str__(self) -> str:
+        text = (
+            f"converted {self.path}: {self.rows_read:,} rows in {self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s); "
+            f"train {self.rows_written['train']:,}, valid {self.rows_written['valid']:,}, bad {self.bad_rows:,}"
+        )
+        return f"{text}; first bad lines:\n{self.describe_bad()}" if self.first_bad else text
+
 
 def convert_raw(raw: RawConfig, schema: SchemaConfig, out_root: Path, progress: bool = True) -> ConversionReport:
     """Convert the raw log ``raw.path`` into ``out_root/{train,valid}/part-*.parquet``.
