@@ -6,6 +6,7 @@ config block into plain constructor arguments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,11 +65,14 @@ def _select(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
 
 
 def build_tables(
-    configs: list[TableConfig], sparse_features: list[str], data_root: Path, seed: int = 0
+    configs: list[TableConfig], sparse_features: list[str], data_root: Path, seed: int = 0,
+    make: Callable[..., torch.nn.Module] | None = None,
 ) -> TableCollection:
     """Turn the ``model.tables`` blocks into a TableCollection covering every sparse feature.
 
-    A block with empty ``feature_names`` takes every feature no earlier block named.
+    A block with empty ``feature_names`` takes every feature no earlier block named. ``make(kind,
+    cfg, feature_names, seed, data_root, where)`` builds one block's module; the default is the
+    kind's ``from_config`` (the ID-sharded path in ``sharded.py`` passes its own).
 
     Raises:
         ConfigError: an unknown kind or feature, a feature claimed twice or by no block, or widths
@@ -89,7 +93,8 @@ def build_tables(
                 raise ConfigError(f"{where}.feature_names: {f!r} already has a table")
         taken.update(names)
         if names:
-            tables.append(TABLE_KINDS[cfg.kind].from_config(cfg, names, seed + i, Path(data_root), where))
+            build = make or (lambda kind, *args: kind.from_config(*args))
+            tables.append(build(TABLE_KINDS[cfg.kind], cfg, names, seed + i, Path(data_root), where))
     missing = [f for f in sparse_features if f not in taken]
     if missing:
         raise ConfigError(f"model.tables: no table for features {missing}")
