@@ -36,7 +36,7 @@ class TableCollection(torch.nn.Module):
         self.feature_names = list(feature_names)
         owned = [f for t in tables for f in t.feature_names]
         # One table covering every feature in order (the common case) needs no KJT re-grouping.
-        self._passthrough = owned == self.feature_names
+        self._passthrough = len(tables) == 1 and owned == self.feature_names
         self._order = [owned.index(f) for f in self.feature_names]
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
