@@ -1,0 +1,265 @@
+"""`collisionless`: every raw 64-bit ID gets its own row (Monolith semantics), memory bounded by
+admission (an ID needs ``min_count`` sightings) and expiry (rows idle longer than ``ttl`` in data time).
+
+The ID -> row map, the frequency filter and the expiry clock live in a :class:`SlotMap` (numba
+kernels); the rows and their row-wise Adagrad state live in one fused fbgemm kernel, updated sparsely
+inside backward. A feature's rows start small and double as IDs are admitted, up to ``capacity``;
+there the ``eviction`` policy makes room.
+
+Data time, never the wall clock, drives expiry: the trainer stamps each batch's event time with
+:meth:`observe_time`, so replaying or backfilling old logs ages rows as the data did.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recmem.config import ConfigError, TableConfig, from_dict
+from recmem.tables.fused import FusedRowwiseAdagrad
+from recmem.tables.slotmap import Eviction, SlotMap
+
+
+@dataclass
+class CollisionlessOptions:
+    """``options`` of a ``collisionless`` table block.
+
+    Attributes:
+        capacity: most rows per feature.
+        min_count: sightings before an ID gets a row; 0 or 1 admits at once.
+        ttl: free rows not updated for more than this many data-time seconds; None keeps them.
+        eviction: at capacity, "lru" / "lfu" evict the least recently / often updated rows for a new
+            ID, "none" leaves the new ID without a row.
+        initial_rows: rows allocated per feature before any growth.
+        filter_width: counters per hash row of the frequency filter (4 rows of uint8: 4x this many
+            bytes); see ``admission.py`` for its false-admission rate.
+        track_changes: record freed IDs for serving deltas (``take_changes``).
+    """
+
+    capacity: int = 1_000_000
+    min_count: int = 1
+    ttl: int | None = None
+    eviction: Eviction = "lru"
+    initial_rows: int = 4096
+    filter_width: int = 1 << 20
+    track_changes: bool = False
+
+
+class CollisionlessTable(torch.nn.Module):
+    """One collisionless table per feature, all in one fused kernel.
+
+    Args:
+        feature_names: the F features.
+        embedding_dim: D.
+        learning_rate: row-wise Adagrad step size.
+        capacity, min_count, ttl, eviction, initial_rows, filter_width, track_changes: as in
+            :class:`CollisionlessOptions`.
+        seed: salts the per-ID row initialisation (a new row's values depend on the seed, the
+            feature's position and the ID only, so they do not depend on batch order or sharding).
+    """
+
+    def __init__(self, feature_names: list[str], embedding_dim: int, learning_rate: float,
+                 capacity: int, min_count: int = 1, ttl: int | None = None, eviction: Eviction = "lru",
+                 initial_rows: int = 4096, filter_width: int = 1 << 20, track_changes: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if ttl is not None and ttl < 0:
+            raise ValueError(f"ttl must be >= 0 or None, got {ttl}")
+        self.feature_names = list(feature_names)
+        self.embedding_dim = embedding_dim
+        self.ttl = ttl
+        self.seed = seed
+        self.slots = SlotMap(len(feature_names), capacity, min(initial_rows, capacity), min_count,
+                             filter_width, eviction, seed, track_changes)
+        self.rows = FusedRowwiseAdagrad(self.slots.allocations(), embedding_dim, learning_rate, seed)
+        # torchrec's initialisation scale for a table of `capacity` rows.
+        self._init_bound = math.sqrt(1.0 / capacity)
+        self._now = 0
+
+    @classmethod
+    def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
+                    where: str) -> "CollisionlessTable":
+        """Build from a table block; the knobs are in ``options`` (:class:`CollisionlessOptions`)."""
+        if cfg.num_embeddings:
+            raise ConfigError(f"{where}.num_embeddings: collisionless tables are sized by options.capacity")
+        opts = from_dict(CollisionlessOptions, cfg.options, f"{where}.options")
+        try:
+            return cls(feature_names, cfg.embedding_dim, cfg.learning_rate, opts.capacity, opts.min_count,
+                       opts.ttl, opts.eviction, opts.initial_rows, opts.filter_width, opts.track_changes, seed)
+        except ValueError as e:
+            raise ConfigError(f"{where}.options: {e}") from None
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Pool each bag's rows; IDs without a row (not admitted, or no room) contribute nothing.
+
+        In training mode unknown IDs are counted and admitted and rows are stamped with the data
+        time; in eval mode the map is only read.
+
+        Args:
+            features: KJT with keys ``feature_names``, lengths [F * B], values raw int64 IDs.
+
+        Returns:
+            [B, F, D] sum-pooled embeddings.
+        """
+        if features.keys() != self.feature_names:
+            raise ValueError(f"expected features {self.feature_names}, got {features.keys()}")
+        values = features.values().to(torch.int64).contiguous().numpy()
+        offsets = features.offsets()  # [F * B + 1]
+        bounds = offsets[:: max(features.stride(), 1)].numpy()  # [F + 1] feature segments of values
+        if self.training:
+            local = self.slots.assign(values, bounds, self._now, self._init_bound, self._flat_rows)
+        else:
+            local = self.slots.find(values, bounds)
+        indices, offsets = drop_missing(local, offsets)
+        return self.rows(indices, offsets)
+
+    def observe_time(self, now: int) -> None:
+        """Stamp the data time of the batch about to be trained; rows it updates record it."""
+        self._now = int(now)
+
+    def evict(self, now: int) -> int:
+        """Free rows idle for more than ``ttl`` at data time ``now`` (idle == ttl stays)."""
+        return 0 if self.ttl is None else self.slots.expire(int(now), self.ttl)
+
+    def memory_bytes(self) -> int:
+        """Rows, Adagrad state, ID map and filter."""
+        return self.rows.memory_bytes() + sum(self.slots.memory_bytes().values())
+
+    def stats(self) -> dict[str, float]:
+        """Rows live and allocated, IDs admitted / rejected by the filter / refused for lack of room,
+        rows expired (TTL) and evicted (capacity), and memory by part."""
+        out = self.slots.stats()
+        rows = int(out["rows_allocated"])
+        out.update({k: float(v) for k, v in self.slots.memory_bytes().items()})
+        out.update(row_bytes=float(rows * self.embedding_dim * 4), optimizer_bytes=float(rows * 4),
+                   memory_bytes=float(self.memory_bytes()))
+        return out
+
+    def take_changes(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per feature: rows updated since the last call and IDs freed (for serving deltas).
+
+        Returns:
+            ``{feature: {"ids": [n] int64, "weights": [n, D], "freed": [m] int64}}``; apply frees first.
+        """
+        out = {}
+        for f, name in enumerate(self.feature_names):
+            ids, local, freed = self.slots.take_changes(f)
+            out[name] = {"ids": torch.from_numpy(ids), "weights": self.rows.weights(f)[local].clone(),
+                         "freed": torch.from_numpy(freed)}
+        return out
+
+    def to_inference(self) -> "CollisionlessLookup":
+        """A read-only ID -> row lookup of the live rows, with no optimizer state or filter."""
+        keys, weights = [], []
+        for f in range(len(self.feature_names)):
+            ids, local = self.slots.live(f)
+            order = np.argsort(ids, kind="stable")
+            keys.append(torch.from_numpy(ids[order]))
+            weights.append(self.rows.weights(f)[torch.from_numpy(local[order])].detach().clone())
+        return CollisionlessLookup(self.feature_names, keys, weights)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The ID map, filter, counters and clock; rows and Adagrad state are the fused kernel's."""
+        return {"slots": self.slots.state(), "now": self._now}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the map and re-size the fused kernel to it (``load_state_dict`` fills it next)."""
+        self.slots.load_state(state["slots"])
+        self._now = int(state["now"])
+        self._resize(self.slots.allocations())
+
+    def _flat_rows(self, allocations: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Writable flat views of all rows [R, D] and Adagrad accumulators [R], resized if needed."""
+        self._resize(allocations)
+        return _flat(self.rows)
+
+    def _resize(self, allocations: list[int]) -> None:
+        """Swap in a fused kernel with ``allocations`` rows per table, keeping existing rows and state."""
+        if allocations == self.rows.rows:
+            return
+        old = self.rows
+        new = FusedRowwiseAdagrad(allocations, self.embedding_dim, old.tbe.get_learning_rate(), self.seed)
+        (old_w, old_m), (new_w, new_m) = _flat(old), _flat(new)
+        old_base, new_base = np.cumsum([0] + old.rows), np.cumsum([0] + allocations)
+        for t, n in enumerate(old.rows):
+            keep = min(n, allocations[t])
+            new_w[new_base[t]:new_base[t] + keep] = old_w[old_base[t]:old_base[t] + keep]
+            new_m[new_base[t]:new_base[t] + keep] = old_m[old_base[t]:old_base[t] + keep]
+        self.rows = new
+
+
+def _flat(fused: FusedRowwiseAdagrad) -> tuple[np.ndarray, np.ndarray]:
+    """All rows [R, D] and accumulators [R] of a fused kernel as writable numpy views."""
+    tbe = fused.tbe
+    # fbgemm stores same-width tables back to back on CPU; the map's ROW_BASE relies on it.
+    base = np.cumsum([0] + fused.rows[:-1])
+    if not np.array_equal(tbe.weights_offsets.numpy(), base * fused.embedding_dim):
+        raise RuntimeError("fbgemm's table layout is not back to back; collisionless needs it")
+    weights = tbe.weights_host.detach().numpy().reshape(-1, fused.embedding_dim)
+    return weights, tbe.momentum1_host.detach().numpy()
+
+
+class CollisionlessLookup(torch.nn.Module):
+    """The serving form of a collisionless table: sorted IDs and their rows, nothing else.
+
+    Args:
+        feature_names: the F features.
+        keys: per feature, [n_f] int64 IDs in ascending order.
+        weights: per feature, [n_f, D] rows matching ``keys``.
+    """
+
+    def __init__(self, feature_names: list[str], keys: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.feature_names = list(feature_names)
+        self.embedding_dim = int(weights[0].shape[1])
+        sizes = torch.tensor([0] + [len(k) for k in keys])
+        self.register_buffer("key_bounds", torch.cumsum(sizes, 0))  # [F + 1] feature segments
+        self.register_buffer("keys", torch.cat(keys))  # [N] ascending within each segment
+        self.register_buffer("weights", torch.cat(weights))  # [N, D]
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw-ID KJT of ``feature_names`` -> [B, F, D]; unknown IDs pool to nothing, as in training."""
+        values, offsets, b = features.values(), features.offsets(), features.stride()
+        bounds = offsets[:: max(b, 1)].tolist()
+        rows = torch.full_like(values, -1)
+        for f in range(len(self.feature_names)):
+            lo, hi = int(self.key_bounds[f]), int(self.key_bounds[f + 1])
+            if lo == hi:
+                continue
+            ids = values[bounds[f]:bounds[f + 1]]
+            pos = torch.searchsorted(self.keys[lo:hi], ids).clamp_(max=hi - lo - 1)
+            hit = self.keys[lo:hi][pos] == ids
+            rows[bounds[f]:bounds[f + 1]] = torch.where(hit, pos + lo, -1)
+        indices, offsets = drop_missing(rows.numpy(), offsets)
+        pooled = torch.nn.functional.embedding_bag(
+            indices, self.weights, offsets, mode="sum", include_last_offset=True
+        )  # [F * B, D]
+        return pooled.view(len(self.feature_names), b, self.embedding_dim).transpose(0, 1)  # [B, F, D]
+
+    def memory_bytes(self) -> int:
+        """Bytes of IDs and rows."""
+        return self.keys.nbytes + self.weights.nbytes
+
+
+def drop_missing(rows: np.ndarray, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove the -1 entries of a jagged index array and shrink its bags to match.
+
+    Args:
+        rows: [N] int64 row per ID, -1 for IDs without a row.
+        offsets: [bags + 1] int64 bag boundaries into ``rows``.
+
+    Returns:
+        ([M] int64 rows, [bags + 1] int64 offsets), M = number of entries >= 0.
+    """
+    keep = rows >= 0
+    if keep.all():
+        return torch.from_numpy(rows), offsets
+    kept = np.zeros(rows.shape[0] + 1, dtype=np.int64)
+    np.cumsum(keep, out=kept[1:])  # kept[i] = surviving entries before position i
+    return torch.from_numpy(rows[keep]), torch.from_numpy(kept[offsets.numpy()])
