@@ -45,10 +45,16 @@ def build_model(
     """Build tables and the dense arch named by ``cfg.arch`` for ``schema``'s features."""
     torch.manual_seed(seed)
     tables = build_tables(cfg.tables, schema.sparse, data_root, seed)
+    return CTRModel(tables, build_dense(cfg, schema), bf16)
+
+
+def build_dense(cfg: ModelConfig, schema: SchemaConfig) -> torch.nn.Module:
+    """The dense arch named by ``cfg.arch``: (dense [B, n_dense], pooled [B, F, D]) -> logits [B].
+
+    Initialised from torch's global generator (``build_model`` seeds it; sharded workers too).
+    """
     dim = cfg.tables[0].embedding_dim
     n_dense, n_sparse = len(schema.dense), len(schema.sparse)
     if cfg.arch == "dlrm":
-        dense = DLRMDense(n_dense, n_sparse, dim, cfg.bottom_mlp, cfg.top_mlp)
-    else:
-        dense = DCNv2Dense(n_dense, n_sparse, dim, cfg.bottom_mlp, cfg.top_mlp, cfg.cross_layers)
-    return CTRModel(tables, dense, bf16)
+        return DLRMDense(n_dense, n_sparse, dim, cfg.bottom_mlp, cfg.top_mlp)
+    return DCNv2Dense(n_dense, n_sparse, dim, cfg.bottom_mlp, cfg.top_mlp, cfg.cross_layers)

@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import TableConfig, from_dict
 from recmem.tables.fused import FusedRowwiseAdagrad
+from recmem.tables.sharded import KindShard, RowRouter, RowShard
 
 
 @dataclass
@@ -60,18 +61,28 @@ class FullTable(torch.nn.Module):
         vocabs = [load_ids(data_root, f, options.min_count) for f in feature_names]
         return cls(feature_names, vocabs, cfg.embedding_dim, cfg.learning_rate, seed)
 
+    @classmethod
+    def shard_from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
+                          where: str, rank: int, world_size: int) -> KindShard:
+        """This worker's part of the table for the ID-sharded path (``recmem/tables/sharded.py``).
+
+        Every worker keeps the vocabularies (8 bytes per ID) to turn IDs into row numbers; the rows
+        themselves (``4 * (D + 1)`` bytes each with their Adagrad state) are dealt round-robin.
+        """
+        from recmem.data.stats import load_ids
+
+        options = from_dict(FullOptions, cfg.options, f"{where}.options")
+        vocabs = [load_ids(data_root, f, options.min_count) for f in feature_names]
+        rows = [len(v) + 1 for v in vocabs]
+        shard = RowShard(feature_names, rows, cfg.embedding_dim, cfg.learning_rate, seed, rank, world_size)
+        return KindShard(router=VocabRouter(vocabs), shard=shard)
+
     def _vocab(self, i: int) -> torch.Tensor:
         return getattr(self, f"vocab_{i}")
 
     def remap(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Raw IDs -> table-local rows [N]; IDs outside the vocabulary get the OOV row."""
-        parts = []
-        for i, ids in enumerate(torch.split(features.values(), features.length_per_key())):
-            vocab = self._vocab(i)
-            pos = torch.searchsorted(vocab, ids).clamp_(max=max(len(vocab) - 1, 0))
-            known = vocab[pos] == ids if len(vocab) else torch.zeros_like(ids, dtype=torch.bool)
-            parts.append(torch.where(known, pos, len(vocab)))
-        return torch.cat(parts)
+        return vocab_rows(features, [self._vocab(i) for i in range(len(self.feature_names))])
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Raw-ID KJT of ``feature_names`` -> [B, F, D]."""
@@ -85,3 +96,31 @@ class FullTable(torch.nn.Module):
     def stats(self) -> dict[str, float]:
         """Rows per table in total."""
         return {"rows": float(sum(self.rows.rows))}
+
+
+def vocab_rows(features: KeyedJaggedTensor, vocabs: list[torch.Tensor]) -> torch.Tensor:
+    """Raw IDs -> rows [N]: an ID's position in its feature's sorted vocabulary, else ``len(vocab)``."""
+    parts = []
+    for vocab, ids in zip(vocabs, torch.split(features.values(), features.length_per_key())):
+        pos = torch.searchsorted(vocab, ids).clamp_(max=max(len(vocab) - 1, 0))
+        known = vocab[pos] == ids if len(vocab) else torch.zeros_like(ids, dtype=torch.bool)
+        parts.append(torch.where(known, pos, len(vocab)))
+    return torch.cat(parts)
+
+
+class VocabRouter(RowRouter):
+    """Routes a sharded `full` table: raw IDs -> vocabulary rows, row k owned by worker ``k mod W``.
+
+    Args:
+        vocabularies: per feature, the sorted unique raw int64 IDs that own a row.
+    """
+
+    def __init__(self, vocabularies: list[np.ndarray]) -> None:
+        super().__init__()
+        self.num_features = len(vocabularies)
+        for i, vocab in enumerate(vocabularies):
+            self.register_buffer(f"vocab_{i}", torch.as_tensor(np.asarray(vocab, dtype=np.int64)))
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw-ID KJT -> [N] global rows (the OOV row is ``len(vocab)``)."""
+        return vocab_rows(features, [getattr(self, f"vocab_{i}") for i in range(self.num_features)])

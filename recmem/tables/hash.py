@@ -9,6 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
 from recmem.tables.fused import FusedRowwiseAdagrad
+from recmem.tables.sharded import KindShard, RowRouter, RowShard
 
 
 class HashTable(torch.nn.Module):
@@ -42,11 +43,17 @@ class HashTable(torch.nn.Module):
     @classmethod
     def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str):
         """Build from a table block; ``num_embeddings`` is required and there are no options."""
-        if cfg.num_embeddings < 1:
-            raise ConfigError(f"{where}.num_embeddings: the hash kind needs rows per table (> 0)")
-        if cfg.options:
-            raise ConfigError(f"{where}.options: the hash kind has no options, got {sorted(cfg.options)}")
+        _check_config(cfg, where)
         return cls(feature_names, cfg.num_embeddings, cfg.embedding_dim, cfg.learning_rate, seed)
+
+    @classmethod
+    def shard_from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
+                          where: str, rank: int, world_size: int) -> KindShard:
+        """This worker's rows for the ID-sharded path: routed by ``id mod n``, dealt round-robin."""
+        _check_config(cfg, where)
+        rows = [cfg.num_embeddings] * len(feature_names)
+        shard = RowShard(feature_names, rows, cfg.embedding_dim, cfg.learning_rate, seed, rank, world_size)
+        return KindShard(router=ModRouter(cfg.num_embeddings), shard=shard)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Raw-ID KJT of ``feature_names`` -> [B, F, D]."""
@@ -60,3 +67,26 @@ class HashTable(torch.nn.Module):
     def stats(self) -> dict[str, float]:
         """Rows per table in total."""
         return {"rows": float(sum(self.rows.rows))}
+
+
+class ModRouter(RowRouter):
+    """Routes a sharded `hash` table: raw IDs -> row ``id mod n``, row k owned by worker ``k mod W``.
+
+    Args:
+        num_embeddings: n, rows per table.
+    """
+
+    def __init__(self, num_embeddings: int) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw-ID KJT -> [N] global rows."""
+        return torch.remainder(features.values(), self.num_embeddings)
+
+
+def _check_config(cfg: TableConfig, where: str) -> None:
+    if cfg.num_embeddings < 1:
+        raise ConfigError(f"{where}.num_embeddings: the hash kind needs rows per table (> 0)")
+    if cfg.options:
+        raise ConfigError(f"{where}.options: the hash kind has no options, got {sorted(cfg.options)}")

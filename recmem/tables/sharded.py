@@ -1,0 +1,305 @@
+"""ID-sharded tables: every worker owns some of a table's rows; lookups travel by all-to-all.
+
+A table meant to outgrow one machine is never replicated. Each worker keeps a *router* (raw IDs ->
+routing keys, cheap, the same on every worker) and a *shard* (the rows of the keys it owns). One
+forward pass of a :class:`ShardedTable` on W workers, each holding a local batch of b rows::
+
+    raw-ID KJT [F * b bags] --router--> key per ID --dedup--> unique (feature, key, count) [U, 3]
+        --all-to-all--> each owner gets the pairs it owns from every worker [R, 3]
+        --shard--> one row per pair [R, D] --all-to-all back--> [U, D] --pool per bag--> [b, F, D]
+
+Backward retraces the last exchange in reverse: each worker sends the gradients of the rows it asked
+for to their owners, whose shard applies its fused row-wise Adagrad step inside backward as the
+unsharded table would. Each worker's loss is a mean over its own b rows, so the gradient a row is
+owed for the global batch of W * b rows is 1/W of what the owners receive; the exchange scales it, as
+DDP does for dense gradients, and W workers train exactly like one worker on the global batch.
+
+Duplicate keys cross the wire once, with their count: the owner feeds its shard a bag holding the key
+``count`` times and divides the pooled row by the count. The shard so sees every occurrence (counts
+drive the admission filters of collisionless tables) and the row's gradient is the sum over all
+occurrences, exactly as unsharded.
+
+A kind joins by giving its class a ``shard_from_config`` classmethod (see :class:`ShardableKind`):
+``full`` and ``hash`` route by global row number and keep the rows ``r, r + W, r + 2W, ...`` in a
+:class:`RowShard`; a kind that maps raw IDs to rows itself (``collisionless``) routes by raw ID and
+uses a smaller instance of itself as the shard.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recmem.config import TableConfig
+from recmem.tables.base import Evictable
+from recmem.tables.fused import FusedRowwiseAdagrad
+
+# Rows generated at a time when a shard reproduces the unsharded table's initial values.
+_INIT_CHUNK_ROWS = 1 << 16
+
+
+class Router(Protocol):
+    """The source side of a sharded table: held whole by every worker, so it must stay small."""
+
+    def __call__(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw-ID KJT of the table's features -> [N] int64 routing keys, one per ID."""
+        ...
+
+    def owners(self, keys: torch.Tensor, world_size: int) -> torch.Tensor:
+        """[N] int64 keys -> [N] int64 rank in ``[0, world_size)`` that holds each key's row."""
+        ...
+
+
+class KindShard(NamedTuple):
+    """What a table kind hands the sharded path: the router and this worker's shard.
+
+    Attributes:
+        router: raw IDs -> keys, and keys -> owning rank (a :class:`Router` module).
+        shard: KJT of owned keys, one key per bag -> [B', F, D] pooled rows (an ``nn.Module`` that
+            updates itself in backward, like every table).
+    """
+
+    router: torch.nn.Module
+    shard: torch.nn.Module
+
+
+@runtime_checkable
+class ShardableKind(Protocol):
+    """A table kind (the class) that can build one worker's part of itself without the rest."""
+
+    @classmethod
+    def shard_from_config(
+        cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str,
+        rank: int, world_size: int,
+    ) -> KindShard:
+        """Like ``from_config``, but only the rows ``rank`` of ``world_size`` owns."""
+        ...
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` over dim 0; backward sends the gradients back along the same splits."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup,
+                grad_scale: float) -> torch.Tensor:
+        ctx.splits, ctx.group, ctx.grad_scale = (send, recv), group, grad_scale
+        return _exchange(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        send, recv = ctx.splits
+        return _exchange(grad * ctx.grad_scale, recv, send, ctx.group), None, None, None, None
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    return out
+
+
+class ShardedTable(torch.nn.Module):
+    """One table kind split over the workers of ``group`` (see the module docstring).
+
+    Every worker must call forward (and backward) the same number of times, in the same order, as
+    the exchanges are collective.
+
+    Args:
+        feature_names: the F features of the table.
+        embedding_dim: D.
+        router: raw IDs -> keys -> owners (held by every worker).
+        shard: this worker's rows (KJT of owned keys -> pooled rows).
+        group: the process group of the table exchanges (a gloo group on CPU).
+    """
+
+    def __init__(self, feature_names: list[str], embedding_dim: int, router: torch.nn.Module,
+                 shard: torch.nn.Module, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.feature_names = list(feature_names)
+        self.embedding_dim = embedding_dim
+        self.router = router
+        self.shard = shard
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self._sent_bytes = 0
+        self._steps = 0
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw-ID KJT of ``feature_names`` (local batch b) -> [b, F, D] pooled embeddings."""
+        num_features, batch = len(self.feature_names), features.stride()
+        keys = self.router(features)  # [N]
+        feature_of = torch.repeat_interleave(
+            torch.arange(num_features), torch.tensor(features.length_per_key()))  # [N]
+        pairs, inverse, counts = torch.unique(
+            torch.stack([feature_of, keys], dim=1), dim=0, return_inverse=True, return_counts=True)
+        owners = self.router.owners(pairs[:, 1], self.world_size)  # [U]
+        order = torch.argsort(owners, stable=True)
+        send_counts = torch.bincount(owners, minlength=self.world_size)  # [W]
+        recv_counts = _exchange(send_counts, [1] * self.world_size, [1] * self.world_size, self.group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        request = torch.cat([pairs, counts[:, None]], dim=1)[order]  # [U, 3] (feature, key, count)
+        received = _exchange(request.flatten(), [3 * n for n in send], [3 * n for n in recv], self.group)
+        rows = self._lookup(received.view(-1, 3))  # [R, D]
+        answered = _AllToAll.apply(rows, recv, send, self.group, 1.0 / self.world_size)  # [U, D]
+        unique_rows = answered[torch.argsort(order)]  # [U, D] in `pairs` order
+        bags = torch.repeat_interleave(torch.arange(num_features * batch), features.lengths())  # [N]
+        pooled = unique_rows.new_zeros(num_features * batch, self.embedding_dim)
+        pooled = pooled.index_add(0, bags, unique_rows[inverse])  # [F * b, D]
+        self._count_traffic(len(request), len(rows), torch.is_grad_enabled() and self.training)
+        return pooled.view(num_features, batch, self.embedding_dim).transpose(0, 1)  # [b, F, D]
+
+    def _lookup(self, pairs: torch.Tensor) -> torch.Tensor:
+        """Owner side: [R, 3] (feature, key, count) from all workers -> [R, D] rows, in that order."""
+        num_features = len(self.feature_names)
+        by_feature = torch.argsort(pairs[:, 0], stable=True)
+        feature, key, count = pairs[by_feature].unbind(1)  # each [R]
+        per_feature = torch.bincount(feature, minlength=num_features)  # [F]
+        stride = max(int(per_feature.max()) if len(feature) else 0, 1)
+        starts = torch.cumsum(per_feature, 0) - per_feature  # [F]
+        slot = torch.arange(len(feature)) - starts[feature]  # [R] bag of each pair in its feature
+        lengths = torch.zeros(num_features, stride, dtype=torch.int64)
+        lengths[feature, slot] = count
+        bags = KeyedJaggedTensor(keys=self.feature_names, values=torch.repeat_interleave(key, count),
+                                 lengths=lengths.flatten(), stride=stride)
+        pooled = self.shard(bags)  # [stride, F, D]
+        rows = pooled[slot, feature] / count[:, None].to(pooled.dtype)  # [R, D]
+        return rows[torch.argsort(by_feature)]
+
+    def _count_traffic(self, requested: int, answered: int, backward: bool) -> None:
+        """Bytes this worker sends per step: counts, requests, answered rows (+ gradients back)."""
+        row_bytes = self.embedding_dim * 4
+        sent = 8 * self.world_size + 24 * requested + row_bytes * answered
+        self._sent_bytes += sent + (row_bytes * requested if backward else 0)
+        self._steps += 1
+
+    def memory_bytes(self) -> int:
+        """Bytes held by this worker: its shard plus the router."""
+        router = sum(b.numel() * b.element_size() for b in self.router.buffers())
+        return int(self.shard.memory_bytes()) + router
+
+    def stats(self) -> dict[str, float]:
+        """The shard's stats plus the bytes sent per exchange step since the last call."""
+        out = dict(self.shard.stats())
+        if self._steps:
+            out["alltoall_bytes_per_step"] = self._sent_bytes / self._steps
+        self._sent_bytes, self._steps = 0, 0
+        return out
+
+
+class EvictableShardedTable(ShardedTable):
+    """A sharded table whose shard ages rows in data time: the clock reaches the shard."""
+
+    def observe_time(self, now: int) -> None:
+        """Stamp the data time of the batch about to be trained on the shard."""
+        self.shard.observe_time(now)
+
+    def evict(self, now: int) -> int:
+        """Free the shard's rows idle longer than its TTL; returns rows freed on this worker."""
+        return self.shard.evict(now)
+
+
+def sharded_table(feature_names: list[str], embedding_dim: int, parts: KindShard,
+                  group: dist.ProcessGroup) -> ShardedTable:
+    """Wrap a kind's router and shard, keeping the optional capabilities the shard has."""
+    cls = EvictableShardedTable if isinstance(parts.shard, Evictable) else ShardedTable
+    return cls(feature_names, embedding_dim, parts.router, parts.shard, group)
+
+
+class RowRouter(torch.nn.Module):
+    """Base of routers whose keys are global row numbers: row k lives on worker ``k mod W``."""
+
+    def owners(self, keys: torch.Tensor, world_size: int) -> torch.Tensor:
+        """[N] row numbers -> [N] owning ranks (rows dealt round-robin, so shards stay even)."""
+        return torch.remainder(keys, world_size)
+
+
+class RowShard(torch.nn.Module):
+    """Rank r's rows ``r, r + W, r + 2W, ...`` of F tables, trained by fused row-wise Adagrad.
+
+    Starts from exactly the values the unsharded :class:`FusedRowwiseAdagrad` with the same ``rows``
+    and ``seed`` starts from (its random stream is replayed and this rank's rows kept), so sharded
+    and unsharded training begin alike.
+
+    Args:
+        feature_names: the F features (one table each).
+        rows: global rows of each table.
+        embedding_dim: D.
+        learning_rate: row-wise Adagrad step size.
+        seed: the unsharded table's seed.
+        rank: this worker.
+        world_size: W.
+    """
+
+    def __init__(self, feature_names: list[str], rows: list[int], embedding_dim: int,
+                 learning_rate: float, seed: int, rank: int, world_size: int) -> None:
+        super().__init__()
+        self.feature_names = list(feature_names)
+        self.embedding_dim = embedding_dim
+        self.global_rows = list(rows)
+        self.rank, self.world_size = rank, world_size
+        # A table with fewer rows than workers leaves some ranks none; a TBE needs one, never read.
+        local = [max(len(range(rank, n, world_size)), 1) for n in rows]
+        self.rows = FusedRowwiseAdagrad(local, embedding_dim, learning_rate, seed)
+        with torch.no_grad():
+            for t, values in enumerate(self._initial_rows(seed)):
+                self.rows.weights(t)[: len(values)] = values
+
+    def _initial_rows(self, seed: int) -> list[torch.Tensor]:
+        """This rank's part of the unsharded initial rows, generated a chunk at a time: [n_t / W, D]."""
+        generator = torch.Generator().manual_seed(seed)
+        out = []
+        for n in self.global_rows:
+            bound = math.sqrt(1.0 / n)
+            kept = []
+            for start in range(0, n, _INIT_CHUNK_ROWS):
+                chunk = torch.empty(min(_INIT_CHUNK_ROWS, n - start), self.embedding_dim)
+                chunk.uniform_(-bound, bound, generator=generator)
+                kept.append(chunk[(self.rank - start) % self.world_size :: self.world_size])
+            out.append(torch.cat(kept))
+        return out
+
+    def forward(self, keys: KeyedJaggedTensor) -> torch.Tensor:
+        """KJT of global row numbers owned here -> [B', F, D] pooled rows."""
+        local = torch.div(keys.values(), self.world_size, rounding_mode="floor")
+        return self.rows(local, keys.offsets())
+
+    @torch.no_grad()
+    def load_global(self, table: int, weights: torch.Tensor, momentum: torch.Tensor) -> None:
+        """Take this rank's rows of an unsharded table: weights [n, D], Adagrad state [n]."""
+        mine = torch.arange(self.rank, self.global_rows[table], self.world_size)
+        self.rows.weights(table)[: len(mine)] = weights[mine]
+        self.rows.momentum(table)[: len(mine)] = momentum[mine]
+
+    def memory_bytes(self) -> int:
+        """Bytes of this rank's rows and their optimizer state."""
+        return self.rows.memory_bytes()
+
+    def stats(self) -> dict[str, float]:
+        """Rows held on this worker."""
+        return {"rows": float(sum(self.rows.rows))}
+
+
+def build_sharded_tables(configs: list[TableConfig], sparse_features: list[str], data_root: Path,
+                         seed: int, group: dist.ProcessGroup) -> torch.nn.Module:
+    """``build_tables`` with every block ID-sharded over ``group``'s workers.
+
+    Raises:
+        ConfigError: as ``build_tables``, or a kind that cannot be ID-sharded.
+    """
+    from recmem.config import ConfigError
+    from recmem.tables import build_tables
+
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+
+    def make(kind: type, cfg: TableConfig, names: list[str], table_seed: int, root: Path, where: str):
+        if not isinstance(kind, ShardableKind):
+            raise ConfigError(f"{where}.kind: {cfg.kind!r} tables cannot be sharded by ID "
+                              "(the kind has no shard_from_config)")
+        parts = kind.shard_from_config(cfg, names, table_seed, root, where, rank, world_size)
+        return sharded_table(names, cfg.embedding_dim, parts, group)
+
+    return build_tables(configs, sparse_features, data_root, seed, make=make)
