@@ -8,11 +8,50 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+
+class CheckpointStore(Protocol):
+    """Where the training loop keeps its checkpoints.
+
+    Every rank calls :meth:`load` once at the start and :meth:`save` at the same steps: a
+    distributed store (Ray's, in ``recmem/train/distributed``) saves each rank's shard together.
+    """
+
+    def load(self) -> dict[str, Any] | None:
+        """This rank's state from the latest complete checkpoint, or None to start afresh."""
+        ...
+
+    def save(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Persist this rank's ``state`` at ``step`` (``metrics`` describe it)."""
+        ...
+
+
+class LocalCheckpoints:
+    """The single-process store: atomic files in one directory (see :func:`save_checkpoint`).
+
+    Args:
+        directory: where the ``step-*.pt`` files go.
+        resume: False ignores existing checkpoints (they are still overwritten in turn).
+        keep: how many of the newest files to keep.
+    """
+
+    def __init__(self, directory: str | Path, resume: bool = True, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.resume = resume
+        self.keep = keep
+
+    def load(self) -> dict[str, Any] | None:
+        """The newest readable checkpoint when resuming, else None."""
+        return load_latest(self.directory) if self.resume else None
+
+    def save(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Write ``state`` atomically; ``metrics`` are not stored (MLflow has them)."""
+        save_checkpoint(self.directory, step, state, self.keep)
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:

@@ -14,7 +14,7 @@ from recmem.config import Config
 from recmem.data.batch import Batch
 from recmem.models import CTRModel, build_model
 from recmem.tables.base import Evictable
-from recmem.train.checkpoint import load_latest, save_checkpoint
+from recmem.train.checkpoint import CheckpointStore, LocalCheckpoints
 from recmem.train.metrics import MetricAccumulator
 from recmem.tracking.logger import RunLogger
 from recmem.tracking.plots import plt, training_curve
@@ -45,14 +45,24 @@ def make_dense_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch
 
 
 def evaluate(model: CTRModel, batches: Iterator[Batch], split: str = "valid") -> dict[str, float]:
-    """Metrics of ``model`` over ``batches`` (no table updates, no time stamps)."""
+    """Metrics of ``model`` over ``batches`` (no table updates, no time stamps).
+
+    Under ``torch.distributed`` every rank passes its share of the split and gets the metrics of all
+    of it.
+    """
     acc = MetricAccumulator(split)
     model.eval()
     with torch.no_grad():
         for batch in batches:
             acc.update(batch, model(batch))
     model.train()
+    if _world_size() > 1:
+        acc.all_gather()
     return acc.compute()
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def train(
@@ -61,35 +71,47 @@ def train(
     rank: int = 0,
     track: bool = True,
     model: CTRModel | None = None,
+    *,
+    store: CheckpointStore | None = None,
+    run_id: str | None = None,
+    params: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train ``cfg``'s model on ``source`` with periodic validation, checkpoints and resume.
+
+    Under ``torch.distributed`` (Ray workers) every rank runs this same loop on its share of the
+    data; steps, validations and checkpoints happen at the same points on all ranks.
 
     Args:
         cfg: the job.
         source: yields training and validation batches; ``start_batch`` resumes mid-epoch.
-        rank: this worker's rank (only rank 0 logs, writes checkpoints and shows progress).
+        rank: this worker's rank (only rank 0 logs to MLflow and shows progress).
         track: log to MLflow (a resumed run continues the MLflow run its checkpoint names).
         model: a prebuilt model (tests, sharded wrappers); built from ``cfg`` when None.
+        store: where checkpoints go; default: files in ``cfg.workdir / train.checkpoint_dir``.
+        run_id: the MLflow run to log into when no checkpoint names one (Ray's driver opens it).
+        params: extra MLflow params, e.g. the sharding plan.
     """
     t = cfg.train
     model = model or build_model(cfg.model, cfg.data.schema, Path(cfg.data.root), cfg.seed, t.precision == "bf16")
     optimizer = make_dense_optimizer(cfg, list(model.dense.parameters()))
     evictable = [m for m in model.tables.tables if isinstance(m, Evictable)]
-    ckpt_dir = Path(cfg.workdir) / t.checkpoint_dir
-    state = load_latest(ckpt_dir) if t.resume else None
+    store = store or LocalCheckpoints(Path(cfg.workdir) / t.checkpoint_dir, resume=t.resume)
+    state = store.load()
     step, epoch, position = 0, 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
-    log = RunLogger(cfg, enabled=track and rank == 0, run_id=state["run_id"] if state else None)
+        run_id = state["run_id"] or run_id
+    log = RunLogger(cfg, enabled=track and rank == 0, run_id=run_id)
+    log.log_params(params or {})
+    reported: dict[str, float] = {}
 
     def checkpoint() -> None:
-        if rank == 0:
-            save_checkpoint(ckpt_dir, step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "epoch": epoch, "position": position, "run_id": log.run_id,
-            })
+        store.save(step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "epoch": epoch, "position": position, "run_id": log.run_id,
+        }, {"step": float(step), **reported})
 
     def validate() -> dict[str, float]:
         metrics = evaluate(model, source("valid", 0, 0))
@@ -97,6 +119,7 @@ def train(
         metrics.update({f"tables/{k}": v for k, v in model.tables.stats().items()})
         log.log_metrics(metrics, step)
         history.append({"step": step, **metrics})
+        reported.update(metrics)
         return metrics
 
     history: list[dict[str, float]] = []
@@ -122,8 +145,10 @@ def train(
                 for table in evictable:
                     table.evict(now)
             if t.log_every and step % t.log_every == 0:
-                sps = trained / max(train_seconds, 1e-9)
-                log.log_metrics({"train/loss": loss_sum / loss_n, "train/samples_per_second": sps}, step)
+                sps = trained * _world_size() / max(train_seconds, 1e-9)
+                logged = {"train/loss": loss_sum / loss_n, "train/samples_per_second": sps}
+                reported.update(logged)
+                log.log_metrics(logged, step)
                 history.append({"step": step, "train/loss": loss_sum / loss_n})
                 bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", sps=f"{sps:,.0f}")
                 loss_sum, loss_n = 0.0, 0
@@ -138,8 +163,9 @@ def train(
             epoch, position = epoch + 1, 0
     bar.close()
     metrics = validate()
+    sps = trained * _world_size() / max(train_seconds, 1e-9)  # every worker's rows
+    reported["train/samples_per_second"] = sps
     checkpoint()
-    sps = trained / max(train_seconds, 1e-9)
     log.log_metrics({"train/samples_per_second": sps}, step)
     if log.enabled:
         figure = training_curve(history, cfg.tracking.run_name or cfg.model.arch)

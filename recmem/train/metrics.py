@@ -49,6 +49,14 @@ class MetricAccumulator:
         if batch.true_prob is not None:
             self._truth.append(batch.true_prob.numpy())
 
+    def all_gather(self) -> None:
+        """Replace what this rank collected by what every ``torch.distributed`` rank collected."""
+        mine = [np.concatenate(part) if part else np.zeros(0, np.float32)
+                for part in (self._labels, self._probs, self._truth)]
+        everyone: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+        self._labels, self._probs, self._truth = ([r[i] for r in everyone if len(r[i])] for i in range(3))
+
     def compute(self) -> dict[str, float]:
         """The metrics of everything added so far."""
         if not self._labels:
