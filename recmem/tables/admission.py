@@ -25,12 +25,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from recmem.tables.idhash import mix64
+from recmem.tables.idhash import derive
 
 DEPTH = 4
 SATURATED = 255
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def sketch_width(width: int) -> int:
@@ -47,7 +45,7 @@ def new_sketch(width: int) -> tuple[np.ndarray, np.ndarray]:
 
 @njit(cache=True, inline="always")
 def _index(h: np.uint64, j: int, mask: np.uint64) -> int:
-    return np.int64(mix64(np.int64(h + np.uint64(j + 1) * _GOLDEN)) & mask)
+    return np.int64(derive(h, j) & mask)
 
 
 @njit(cache=True)

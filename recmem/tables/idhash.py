@@ -39,9 +39,15 @@ def salted(key: np.int64, salt: np.int64) -> np.uint64:
 
 
 @njit(cache=True, inline="always")
+def derive(h: np.uint64, j: int) -> np.uint64:
+    """The ``j``-th of a family of independent hashes derived from hash ``h``."""
+    return mix64(np.int64(h + np.uint64(j + 1) * _GOLDEN))
+
+
+@njit(cache=True, inline="always")
 def unit_float(h: np.uint64, j: int) -> float:
     """The ``j``-th uniform double in [0, 1) drawn from hash ``h`` (deterministic)."""
-    return np.float64(mix64(np.int64(h + np.uint64(j + 1) * _GOLDEN)) >> np.uint64(11)) * _UNIT
+    return np.float64(derive(h, j) >> np.uint64(11)) * _UNIT
 
 
 def feature_salts(seed: int, num_features: int) -> np.ndarray:

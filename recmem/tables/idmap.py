@@ -24,7 +24,10 @@ lookup costs one cache line in the common case.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from recmem.tables.admission import sketch_count
 from recmem.tables.idhash import mix64, salted, unit_float
@@ -34,6 +37,27 @@ ADMITTED, REJECTED, REJECTED_FULL, EXPIRED, EVICTED = range(5)
 KEY, TIME, COUNT, DIRTY = range(4)
 EMPTY = -1
 _COUNT_MAX = 2**62
+# Lookups run this many IDs ahead of their prefetches: a random bucket is a cache (and often TLB) miss,
+# and overlapping the misses of several IDs is what makes a batch of lookups fast (2-3x measured).
+_AHEAD = 8
+
+
+@intrinsic
+def _prefetch(typingctx, array, row):
+    """Hint the CPU to fetch ``array[row, 0]`` into cache (LLVM's prefetch: read, high locality)."""
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [args[1], zero])
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(array, row), codegen
 
 
 @njit(cache=True, inline="always")
@@ -81,8 +105,10 @@ def find_rows(values: np.ndarray, bounds: np.ndarray, layout: np.ndarray, bucket
         out: [N] int64, set to each ID's local row or EMPTY (-1) when it has none.
     """
     for f in range(bounds.shape[0] - 1):
-        base, mask = layout[f, BUCKET_BASE], layout[f, BUCKET_MASK]
-        for i in range(bounds[f], bounds[f + 1]):
+        base, mask, hi = layout[f, BUCKET_BASE], layout[f, BUCKET_MASK], bounds[f + 1]
+        for i in range(bounds[f], hi):
+            if i + _AHEAD < hi:
+                _prefetch(buckets, base + _home(values[i + _AHEAD], mask))
             out[i] = buckets[probe(buckets, base, mask, values[i]), 1]
 
 
@@ -109,7 +135,9 @@ def assign_rows(values, bounds, start, can_stop, now, min_count, salts, init_bou
     """
     for f in range(bounds.shape[0] - 1):
         base, bbase, mask = layout[f, ROW_BASE], layout[f, BUCKET_BASE], layout[f, BUCKET_MASK]
-        for i in range(max(bounds[f], start), bounds[f + 1]):
+        hi = bounds[f + 1]
+        for i in range(max(bounds[f], start), hi):
+            _prefetch_rows(values, i, hi, base, bbase, mask, buckets, rows)
             key = values[i]
             b = probe(buckets, bbase, mask, key)
             row = buckets[b, 1]
@@ -138,6 +166,18 @@ def assign_rows(values, bounds, start, can_stop, now, min_count, salts, init_bou
             counters[f, ADMITTED] += 1
             out[i] = row
     return values.shape[0]
+
+
+@njit(cache=True, inline="always")
+def _prefetch_rows(values, i, hi, base, bbase, mask, buckets, rows) -> None:
+    """Two-stage prefetch for find-or-insert: the bucket of ID i + 2 * _AHEAD, and the row metadata of
+    ID i + _AHEAD, whose bucket the previous stage fetched."""
+    if i + 2 * _AHEAD < hi:
+        _prefetch(buckets, bbase + _home(values[i + 2 * _AHEAD], mask))
+    if i + _AHEAD < hi:
+        b = bbase + _home(values[i + _AHEAD], mask)
+        if buckets[b, 0] == values[i + _AHEAD] and buckets[b, 1] != EMPTY:
+            _prefetch(rows, base + buckets[b, 1])
 
 
 @njit(cache=True, inline="always")
@@ -196,3 +236,4 @@ def rehash(f: int, layout: np.ndarray, buckets: np.ndarray, rows: np.ndarray) ->
             b = probe(buckets, bbase, mask, rows[base + r, KEY])
             buckets[b, 0] = rows[base + r, KEY]
             buckets[b, 1] = r
+
