@@ -171,6 +171,9 @@ class CollisionlessTable(torch.nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the map and re-size the fused kernel to it (``load_state_dict`` fills it next)."""
         self.slots.load_state(state["slots"])
+        if max(self.slots.allocations()) > self.slots.capacity:
+            raise ValueError(f"snapshot holds {max(self.slots.allocations())} rows in a feature, "
+                             f"more than this table's capacity {self.slots.capacity}")
         self._now = int(state["now"])
         self._resize(self.slots.allocations())
 

@@ -50,9 +50,12 @@ def _prefetch(typingctx, array, row):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         zero = context.get_constant(types.intp, 0)
         ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [args[1], zero])
+        if not getattr(ptr.type, "is_opaque", False):  # LLVM builds with typed pointers
+            ptr = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        name = "llvm.prefetch.p0" if getattr(ptr.type, "is_opaque", False) else "llvm.prefetch.p0i8"
         i32 = ir.IntType(32)
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), "llvm.prefetch.p0"
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), name
         )
         builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
