@@ -118,8 +118,8 @@ def test_checkpoint_restores_predictions_and_continued_training_exactly() -> Non
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)
-    b = table(min_count=2, ttl=3, capacity=16, filter_width=256, track_changes=True)
-    b.load_state_dict(torch.load(buffer))  # weights_only: plain tensors and ints
+    b = table(min_count=2, ttl=3, capacity=16, filter_width=256, track_changes=True, seed=99)
+    b.load_state_dict(torch.load(buffer))  # weights_only: plain tensors and ints; the seed travels too
     a.eval(), b.eval()
     probe = random_kjt(rng, 8, pool)
     torch.testing.assert_close(b(probe), a(probe), rtol=0, atol=0)

@@ -153,8 +153,8 @@ class SlotMap:
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of everything, as tensors (``torch.load(weights_only=True)`` reads them back)."""
         freed = [np.concatenate(x) if x else np.zeros(0, dtype=np.int64) for x in self._freed]
-        arrays = {"layout": self.layout, "counters": self.counters, "rows": self.rows, "free": self.free,
-                  "buckets": self.buckets, "sketch": self.sketch, "sketch_adds": self.sketch_adds,
+        arrays = {"salts": self.salts, "layout": self.layout, "counters": self.counters, "rows": self.rows,
+                  "free": self.free, "buckets": self.buckets, "sketch": self.sketch, "sketch_adds": self.sketch_adds,
                   "freed": np.concatenate(freed), "freed_counts": np.array([x.size for x in freed])}
         return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
 
@@ -163,8 +163,8 @@ class SlotMap:
         arrays = {k: v.numpy().copy() for k, v in state.items()}
         if arrays["layout"].shape != self.layout.shape:
             raise ValueError(f"snapshot has {arrays['layout'].shape[0]} features, table has {len(self.salts)}")
-        self.layout, self.counters, self.rows = arrays["layout"], arrays["counters"], arrays["rows"]
-        self.free, self.buckets = arrays["free"], arrays["buckets"]
+        self.salts, self.layout, self.counters = arrays["salts"], arrays["layout"], arrays["counters"]
+        self.rows, self.free, self.buckets = arrays["rows"], arrays["free"], arrays["buckets"]
         self.sketch, self.sketch_adds = arrays["sketch"], arrays["sketch_adds"]
         cuts = np.cumsum(arrays["freed_counts"])[:-1]
         self._freed = [[x] if x.size else [] for x in np.split(arrays["freed"], cuts)]
