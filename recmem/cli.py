@@ -16,7 +16,8 @@ from recmem.config import Config, ConfigError, load_config
 COMMANDS = {
     "generate": "write recmem's synthetic Criteo-shaped click log (Parquet + feature statistics) to data.root",
     "prepare": "convert a raw click log (data.raw.path: Criteo TSV or CSV) to Parquet + statistics in data.root",
-    "train": "train the configured model on data.root, validating, checkpointing and logging to MLflow",
+    "train": "train the configured model on data.root (on Ray unless ray.enabled=false), validating, "
+             "checkpointing and logging to MLflow",
     "evaluate": "score the latest checkpoint on the validation split",
     "quickstart": "generate the synthetic data if missing, train, and print the run and its AUC vs the oracle",
 }
@@ -31,7 +32,11 @@ EPILOG = """examples:
 
 Overrides are dotted paths into the config (see recmem/config.py); list items by index
 (model.tables.0.kind=hash). MLflow: runs go to ./mlflow.db unless MLFLOW_TRACKING_URI is set;
-browse them with `mlflow ui --backend-store-uri sqlite:///mlflow.db`."""
+browse them with `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+
+Ray: `recmem train` runs on an embedded local Ray; ray.address=... (or RAY_ADDRESS) targets a
+cluster, ray.num_workers=2 ray.cpus_per_worker=0.5 splits the job, ray.enabled=false runs the plain
+single-process loop. On a cluster: ray job submit --working-dir . -- python jobs/train.py --config ..."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,9 +85,14 @@ def _prepare(cfg: Config) -> int:
 
 
 def _train(cfg: Config) -> int:
-    from recmem.train.local import train_local
+    if cfg.ray.enabled:
+        from recmem.train.distributed import train_ray
 
-    result = train_local(cfg)
+        result = train_ray(cfg)
+    else:
+        from recmem.train.local import train_local
+
+        result = train_local(cfg)
     _print_result(result.metrics, result.samples_per_second, result.run)
     return 0
 

@@ -1,0 +1,12 @@
+"""Ray-distributed training: the same loop (``recmem/train/loop.py``) on Ray Train workers.
+
+- ``launcher.py``: the driver (``train_ray``): Ray, MLflow run, ``TorchTrainer``; no torch import.
+- ``data.py``: Ray Data ``read_parquet`` -> one-batch blocks -> a per-worker ``BatchSource``.
+- ``worker.py``: each worker's entry: its model part, then ``train()``.
+- ``plan.py``: how tables are split over workers (the sharding plan).
+- ``store.py``: per-rank checkpoint shards through Ray Train's checkpoint storage.
+"""
+
+from recmem.train.distributed.launcher import RayTrainResult, train_ray
+
+__all__ = ["RayTrainResult", "train_ray"]
