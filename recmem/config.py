@@ -143,6 +143,34 @@ class TrackingConfig:
 
 
 @dataclass
+class RayConfig:
+    """Ray: where ``recmem train`` runs, on how many workers, and how tables are split over them.
+
+    ``enabled: false`` runs the plain single-process loop instead (tests, benchmarks). An empty
+    ``address`` means ``RAY_ADDRESS`` when set, else an embedded local Ray with ``num_cpus`` CPUs
+    (0: every core). Each of the ``num_workers`` workers reserves ``cpus_per_worker``; fractions are
+    fine and on small machines needed, since Ray Data must keep CPUs to read with (2 workers of 1 CPU
+    on 2 cores deadlock it). ``torch_threads`` 0 means ``max(1, round(cpus_per_worker))``. Checkpoints
+    go to ``storage_path`` (a folder or a pyarrow/fsspec URI such as ``s3://bucket/runs``; empty:
+    ``<workdir>/<train.checkpoint_dir>/ray``) under ``run_name``; ``train.resume: false`` starts a
+    fresh run name. A failed worker group is restarted from the latest checkpoint up to
+    ``max_failures`` times. ``sharding`` (see ``recmem/train/distributed/plan.py``): ``id`` deals each
+    table's rows to workers by key with an all-to-all exchange (every kind); ``auto`` picks per table.
+    """
+
+    enabled: bool = True
+    address: str = ""
+    num_cpus: int = 0
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    torch_threads: int = 0
+    storage_path: str = ""
+    run_name: str = "recmem"
+    max_failures: int = 2
+    sharding: Literal["auto", "id"] = "auto"
+
+
+@dataclass
 class Config:
     """The whole job."""
 
@@ -152,6 +180,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def from_dict(cls: Any, data: Any, path: str = "") -> Any:
