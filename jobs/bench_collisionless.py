@@ -103,8 +103,11 @@ class DictMap:
         return out
 
 
-def mch_modules(id_table: np.ndarray, live: int, capacity: int) -> list[torch.nn.Module]:
-    """One torchrec MCH module per feature, pre-loaded with the live IDs (sorted, as it keeps them)."""
+def mch_modules(id_table: np.ndarray, live: int, capacity: int, interval: int) -> list[torch.nn.Module]:
+    """One torchrec MCH module per feature, pre-loaded with the live IDs (sorted, as it keeps them).
+
+    ``interval``: batches between two coalescings of its history (LFU update, new IDs get slots).
+    """
     from torchrec.modules.mc_modules import LFU_EvictionPolicy, MCHManagedCollisionModule
 
     def at_least_two(counts: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -113,7 +116,7 @@ def mch_modules(id_table: np.ndarray, live: int, capacity: int) -> list[torch.nn
     modules = []
     for ids in id_table:
         m = MCHManagedCollisionModule(
-            zch_size=capacity, device=torch.device("cpu"), eviction_interval=1,
+            zch_size=capacity, device=torch.device("cpu"), eviction_interval=interval,
             eviction_policy=LFU_EvictionPolicy(threshold_filtering_func=at_least_two),
         )
         with torch.no_grad():
@@ -124,6 +127,7 @@ def mch_modules(id_table: np.ndarray, live: int, capacity: int) -> list[torch.nn
 
 
 def mch_run(modules: list[torch.nn.Module], values: np.ndarray, batch: int) -> None:
+    """One batch through every feature's MCH module (remap only in eval mode, profile + remap in train)."""
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
     lengths = torch.ones(batch, dtype=torch.int64)
@@ -138,6 +142,57 @@ def rate(work: Callable[[np.ndarray], object], batches: list[np.ndarray]) -> flo
     for values in batches[1:]:
         work(values)
     return sum(len(v) for v in batches[1:]) / (time.perf_counter() - start)
+
+
+def bench_recmem(a: argparse.Namespace, id_table: np.ndarray, live: int, capacity: int,
+                 batches: dict[str, list[np.ndarray]]) -> dict[str, float]:
+    """Load the live IDs into a SlotMap (admission min_count = 2), then time find and find-or-insert."""
+    F = id_table.shape[0]
+    tick = time.perf_counter()
+    slots = SlotMap(F, capacity, capacity, 2, 1 << 20, "lru", a.seed, False)
+    rows = FlatRows(a.dim)
+    for lo in range(0, live, 1 << 18):  # each ID twice in a row: admitted at its second sighting
+        chunk = np.repeat(id_table[:, lo:min(lo + (1 << 18), live)], 2, axis=1)
+        slots.assign(chunk.reshape(-1), np.arange(F + 1) * chunk.shape[1], 0, INIT_BOUND, rows)
+    loaded = slots.stats()
+    print(f"recmem: loaded {loaded['rows_live']:,.0f} rows in {time.perf_counter() - tick:.1f}s "
+          f"(map {slots.memory_bytes()['key_bytes'] / 2**20:,.0f} MiB, rows {rows.weights.nbytes / 2**20:,.0f} MiB)")
+    bounds = np.arange(F + 1, dtype=np.int64) * a.batch
+    clock = iter(range(1, 10**9))
+    out = {"find": rate(lambda v: slots.find(v, bounds), batches["find"]),
+           "find_or_insert": rate(lambda v: slots.assign(v, bounds, next(clock), INIT_BOUND, rows),
+                                  batches["train"])}
+    s = slots.stats()
+    print(f"recmem: admitted {s['admitted'] - loaded['admitted']:,.0f} new IDs, "
+          f"filter rejected {s['rejected'] - loaded['rejected']:,.0f} sightings")
+    return out
+
+
+def bench_peers(a: argparse.Namespace, id_table: np.ndarray, live: int, capacity: int,
+                batches: dict[str, list[np.ndarray]]) -> dict[str, dict[str, float]]:
+    """The dict peer and torchrec's MCH on the first ``--peer-batches`` batches."""
+    n, B = a.peer_batches + 1, a.batch
+    clock = iter(range(1, 10**9))
+    tick = time.perf_counter()
+    peer = DictMap(id_table, live, capacity, 2)
+    print(f"dict: loaded in {time.perf_counter() - tick:.1f}s")
+    out = {"dict": {"find": rate(lambda v: peer.find(v, B), batches["find"][:n]),
+                    "find_or_insert": rate(lambda v: peer.assign(v, B, next(clock)), batches["train"][:n])}}
+    del peer
+    modules = mch_modules(id_table, live, capacity, interval=1)
+    for m in modules:
+        m.eval()
+    mch = {"find": rate(lambda v: mch_run(modules, v, B), batches["find"][:n])}
+    for m in modules:
+        m.train()
+    mch["find_or_insert"] = rate(lambda v: mch_run(modules, v, B), batches["train"][:n])
+    out["torchrec_mch"] = mch
+    del modules
+    # Coalescing every 10 batches amortizes MCH's sort, but new IDs then wait up to 10 batches for a slot.
+    modules = mch_modules(id_table, live, capacity, interval=10)
+    out["torchrec_mch_every10"] = {"find": mch["find"], "find_or_insert": rate(
+        lambda v: mch_run(modules, v, B), batches["train"][:11])}
+    return out
 
 
 def main() -> None:
@@ -157,57 +212,20 @@ def main() -> None:
     live = -(-a.rows // F)
     capacity = live + live // 4 + a.batches * B  # room for every new ID the timed batches can admit
     id_table = rng.integers(-(2**63), 2**63 - 1, size=(F, 2 * live), dtype=np.int64)
-    print(f"{F} features x {live:,} live rows (= {F * live:,}), dim {a.dim}, batches {B} x {F}, "
-          f"Zipf {a.zipf} over 2x the live IDs; one thread")
-
-    tick = time.perf_counter()
-    slots = SlotMap(F, capacity, capacity, 2, 1 << 20, "lru", a.seed, False)
-    rows = FlatRows(a.dim)
-    for lo in range(0, live, 1 << 18):  # each ID twice in a row: admitted at its second sighting
-        chunk = np.repeat(id_table[:, lo:min(lo + (1 << 18), live)], 2, axis=1)
-        slots.assign(chunk.reshape(-1), np.arange(F + 1) * chunk.shape[1], 0, INIT_BOUND, rows)
-    loaded = slots.stats()
-    print(f"loaded {loaded['rows_live']:,.0f} rows in {time.perf_counter() - tick:.1f}s")
-
-    find_ranks = zipf_batches(rng, 2 * live, a.zipf, F, B, a.batches + 1, live)
-    train_ranks = zipf_batches(rng, 2 * live, a.zipf, F, B, a.batches + 1, 0)
-    find_batches = [to_ids(r, id_table, B) for r in find_ranks]
-    train_batches = [to_ids(r, id_table, B) for r in train_ranks]
-    new_share = np.mean([(r >= live).mean() for r in train_ranks])
-    bounds = np.arange(F + 1, dtype=np.int64) * B
-    clock = iter(range(1, 10**9))
-    results = {
-        ("recmem", "find"): rate(lambda v: slots.find(v, bounds), find_batches),
-        ("recmem", "find_or_insert"): rate(lambda v: slots.assign(v, bounds, next(clock), INIT_BOUND, rows),
-                                           train_batches),
-    }
-    s = slots.stats()
-    print(f"recmem: {new_share:.1%} of training IDs new; admitted {s['admitted'] - loaded['admitted']:,.0f}, "
-          f"rejected {s['rejected'] - loaded['rejected']:,.0f}; map {slots.memory_bytes()['key_bytes'] / 2**20:,.0f} MiB")
-    del slots, rows
-
-    tick = time.perf_counter()
-    peer = DictMap(id_table, live, capacity, 2)
-    print(f"dict peer loaded in {time.perf_counter() - tick:.1f}s")
-    n = a.peer_batches + 1
-    results[("dict", "find")] = rate(lambda v: peer.find(v, B), find_batches[:n])
-    results[("dict", "find_or_insert")] = rate(lambda v: peer.assign(v, B, next(clock)), train_batches[:n])
-    del peer
-
-    modules = mch_modules(id_table, live, capacity)
-    for m in modules:
-        m.eval()
-    results[("torchrec_mch", "find")] = rate(lambda v: mch_run(modules, v, B), find_batches[:n])
-    for m in modules:
-        m.train()
-    results[("torchrec_mch", "find_or_insert")] = rate(lambda v: mch_run(modules, v, B), train_batches[:n])
-
-    print(f"\n{'IDs/s':<16}{'find':>14}{'find_or_insert':>16}")
-    for impl in ("recmem", "dict", "torchrec_mch"):
-        print(f"{impl:<16}{results[impl, 'find']:>14,.0f}{results[impl, 'find_or_insert']:>16,.0f}")
-    for peer_name in ("dict", "torchrec_mch"):
-        ratios = [results["recmem", op] / results[peer_name, op] for op in ("find", "find_or_insert")]
-        print(f"recmem / {peer_name:<13}{ratios[0]:>8.1f}x{ratios[1]:>15.1f}x")
+    ranks = {"find": zipf_batches(rng, 2 * live, a.zipf, F, B, max(a.batches, 10) + 1, live),
+             "train": zipf_batches(rng, 2 * live, a.zipf, F, B, max(a.batches, 10) + 1, 0)}
+    batches = {k: [to_ids(r, id_table, B) for r in v] for k, v in ranks.items()}
+    print(f"{F} features x {live:,} live rows (= {F * live:,}), dim {a.dim}, batches {B} x {F}, Zipf {a.zipf} "
+          f"over 2x the live IDs ({np.mean([(r >= live).mean() for r in ranks['train']]):.1%} of training "
+          f"IDs not live); one thread")
+    results = {"recmem": bench_recmem(a, id_table, live, capacity, batches)}
+    results.update(bench_peers(a, id_table, live, capacity, batches))
+    print(f"\n{'IDs/s':<32}{'find':>14}{'find_or_insert':>16}")
+    for impl, r in results.items():
+        print(f"{impl:<32}{r['find']:>14,.0f}{r['find_or_insert']:>16,.0f}")
+    for peer in list(results)[1:]:
+        ratios = [results["recmem"][op] / results[peer][op] for op in ("find", "find_or_insert")]
+        print(f"{'recmem / ' + peer:<32}{ratios[0]:>13.1f}x{ratios[1]:>15.1f}x")
 
 
 if __name__ == "__main__":

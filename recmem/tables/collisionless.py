@@ -23,6 +23,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig, from_dict
 from recmem.tables.fused import FusedRowwiseAdagrad
+from recmem.tables.idhash import shard_of
+from recmem.tables.sharded import KindShard
 from recmem.tables.slotmap import Eviction, SlotMap
 
 
@@ -62,12 +64,14 @@ class CollisionlessTable(torch.nn.Module):
             :class:`CollisionlessOptions`.
         seed: salts the per-ID row initialisation (a new row's values depend on the seed, the
             feature's position and the ID only, so they do not depend on batch order or sharding).
+        init_bound: new rows are uniform in +-init_bound; None: sqrt(1 / capacity), torchrec's scale
+            for a table of ``capacity`` rows (a shard passes the whole table's).
     """
 
     def __init__(self, feature_names: list[str], embedding_dim: int, learning_rate: float,
                  capacity: int, min_count: int = 1, ttl: int | None = None, eviction: Eviction = "lru",
                  initial_rows: int = 4096, filter_width: int = 1 << 20, track_changes: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, init_bound: float | None = None) -> None:
         super().__init__()
         if ttl is not None and ttl < 0:
             raise ValueError(f"ttl must be >= 0 or None, got {ttl}")
@@ -78,22 +82,21 @@ class CollisionlessTable(torch.nn.Module):
         self.slots = SlotMap(len(feature_names), capacity, min(initial_rows, capacity), min_count,
                              filter_width, eviction, seed, track_changes)
         self.rows = FusedRowwiseAdagrad(self.slots.allocations(), embedding_dim, learning_rate, seed)
-        # torchrec's initialisation scale for a table of `capacity` rows.
-        self._init_bound = math.sqrt(1.0 / capacity)
+        self._init_bound = math.sqrt(1.0 / capacity) if init_bound is None else init_bound
         self._now = 0
 
     @classmethod
     def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
                     where: str) -> "CollisionlessTable":
         """Build from a table block; the knobs are in ``options`` (:class:`CollisionlessOptions`)."""
-        if cfg.num_embeddings:
-            raise ConfigError(f"{where}.num_embeddings: collisionless tables are sized by options.capacity")
-        opts = from_dict(CollisionlessOptions, cfg.options, f"{where}.options")
-        try:
-            return cls(feature_names, cfg.embedding_dim, cfg.learning_rate, opts.capacity, opts.min_count,
-                       opts.ttl, opts.eviction, opts.initial_rows, opts.filter_width, opts.track_changes, seed)
-        except ValueError as e:
-            raise ConfigError(f"{where}.options: {e}") from None
+        return _build(cls, cfg, feature_names, seed, where, world_size=1)
+
+    @classmethod
+    def shard_from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
+                          where: str, rank: int, world_size: int) -> KindShard:
+        """This worker's part for the ID-sharded path: the IDs a hash assigns it, in a table of
+        ``capacity / world_size`` rows per feature that initialises rows as the whole table would."""
+        return KindShard(router=IdRouter(), shard=_build(cls, cfg, feature_names, seed, where, world_size))
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Pool each bag's rows; IDs without a row (not admitted, or no room) contribute nothing.
@@ -110,7 +113,7 @@ class CollisionlessTable(torch.nn.Module):
         if features.keys() != self.feature_names:
             raise ValueError(f"expected features {self.feature_names}, got {features.keys()}")
         values = features.values().to(torch.int64).contiguous().numpy()
-        offsets = features.offsets()  # [F * B + 1]
+        offsets = features.offsets().to(torch.int64)  # [F * B + 1]
         bounds = offsets[:: max(features.stride(), 1)].numpy()  # [F + 1] feature segments of values
         if self.training:
             local = self.slots.assign(values, bounds, self._now, self._init_bound, self._flat_rows)
@@ -206,6 +209,32 @@ def _flat(fused: FusedRowwiseAdagrad) -> tuple[np.ndarray, np.ndarray]:
         raise RuntimeError("fbgemm's table layout is not back to back; collisionless needs it")
     weights = tbe.weights_host.detach().numpy().reshape(-1, fused.embedding_dim)
     return weights, tbe.momentum1_host.detach().numpy()
+
+
+def _build(cls: type[CollisionlessTable], cfg: TableConfig, feature_names: list[str], seed: int, where: str,
+           world_size: int) -> CollisionlessTable:
+    """A table (or one of ``world_size`` shards) from a config block; errors name the key."""
+    if cfg.num_embeddings:
+        raise ConfigError(f"{where}.num_embeddings: collisionless tables are sized by options.capacity")
+    o = from_dict(CollisionlessOptions, cfg.options, f"{where}.options")
+    try:
+        capacity = -(-o.capacity // world_size)
+        return cls(feature_names, cfg.embedding_dim, cfg.learning_rate, capacity, o.min_count, o.ttl, o.eviction,
+                   o.initial_rows, o.filter_width, o.track_changes, seed, math.sqrt(1.0 / max(o.capacity, 1)))
+    except ValueError as e:
+        raise ConfigError(f"{where}.options: {e}") from None
+
+
+class IdRouter(torch.nn.Module):
+    """Routes a sharded collisionless table: the key is the raw ID, owned by a hash of it."""
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw-ID KJT -> [N] int64 keys (the IDs themselves)."""
+        return features.values().to(torch.int64)
+
+    def owners(self, keys: torch.Tensor, world_size: int) -> torch.Tensor:
+        """[N] raw IDs -> [N] int64 owning ranks (:func:`~recmem.tables.idhash.shard_of`)."""
+        return torch.from_numpy(shard_of(keys.contiguous().numpy(), world_size))
 
 
 class CollisionlessLookup(torch.nn.Module):
