@@ -37,9 +37,10 @@ ADMITTED, REJECTED, REJECTED_FULL, EXPIRED, EVICTED = range(5)
 KEY, TIME, COUNT, DIRTY = range(4)
 EMPTY = -1
 _COUNT_MAX = 2**62
-# Lookups run this many IDs ahead of their prefetches: a random bucket is a cache (and often TLB) miss,
-# and overlapping the misses of several IDs is what makes a batch of lookups fast (2-3x measured).
-_AHEAD = 8
+# Buckets are prefetched this many IDs ahead of their lookup: a random bucket is a cache (and often
+# TLB) miss, and overlapping the misses of many IDs is what makes a batch of lookups fast (10M rows:
+# median 60M IDs/s at 32 ahead, 25M at 8, 12-20M without, on a shared 2-core VM).
+_AHEAD = 32
 
 
 @intrinsic
@@ -173,13 +174,14 @@ def assign_rows(values, bounds, start, can_stop, now, min_count, salts, init_bou
 
 @njit(cache=True, inline="always")
 def _prefetch_rows(values, i, hi, base, bbase, mask, buckets, rows) -> None:
-    """Two-stage prefetch for find-or-insert: the bucket of ID i + 2 * _AHEAD, and the row metadata of
-    ID i + _AHEAD, whose bucket the previous stage fetched."""
-    if i + 2 * _AHEAD < hi:
-        _prefetch(buckets, bbase + _home(values[i + 2 * _AHEAD], mask))
+    """Two-stage prefetch for find-or-insert: the bucket of ID i + _AHEAD, and the row metadata of
+    ID i + _AHEAD / 2, whose bucket the first stage fetched."""
     if i + _AHEAD < hi:
-        b = bbase + _home(values[i + _AHEAD], mask)
-        if buckets[b, 0] == values[i + _AHEAD] and buckets[b, 1] != EMPTY:
+        _prefetch(buckets, bbase + _home(values[i + _AHEAD], mask))
+    j = i + _AHEAD // 2
+    if j < hi:
+        b = bbase + _home(values[j], mask)
+        if buckets[b, 0] == values[j] and buckets[b, 1] != EMPTY:
             _prefetch(rows, base + buckets[b, 1])
 
 
