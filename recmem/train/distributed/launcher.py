@@ -94,7 +94,8 @@ def _init_ray(cfg: Config) -> bool:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or None)
+        # "local": always a new instance, never a cluster another `ray start` left on this machine.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None)
     return True
 
 
