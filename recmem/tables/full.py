@@ -12,7 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import TableConfig, from_dict
 from recmem.tables.fused import FusedRowwiseAdagrad
-from recmem.tables.sharded import KindShard, RowRouter, RowShard
+from recmem.tables.sharded import RowKeys, RowRouter
 
 
 @dataclass
@@ -63,20 +63,18 @@ class FullTable(torch.nn.Module):
         return cls(feature_names, vocabs, cfg.embedding_dim, cfg.learning_rate, seed)
 
     @classmethod
-    def shard_from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
-                          where: str, rank: int, world_size: int) -> KindShard:
-        """This worker's part of the table for the ID-sharded path (``recmem/tables/sharded.py``).
+    def row_keys_from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
+                             where: str) -> RowKeys:
+        """How the distributed paths split this kind (``recmem/tables/sharded.py``): by vocabulary row.
 
-        Every worker keeps the vocabularies (8 bytes per ID) to turn IDs into row numbers; the rows
-        themselves (``4 * (D + 1)`` bytes each with their Adagrad state) are dealt round-robin.
+        Every worker keeps the vocabularies (8 bytes per ID) to turn IDs into rows; the rows
+        themselves (``4 * (D + 1)`` bytes each with their Adagrad state) are split over the workers.
         """
         from recmem.data.stats import load_ids
 
         options = from_dict(FullOptions, cfg.options, f"{where}.options")
         vocabs = [load_ids(data_root, f, options.min_count) for f in feature_names]
-        rows = [len(v) + 1 for v in vocabs]
-        shard = RowShard(feature_names, rows, cfg.embedding_dim, cfg.learning_rate, seed, rank, world_size)
-        return KindShard(router=VocabRouter(vocabs), shard=shard)
+        return RowKeys(router=VocabRouter(vocabs), rows=[len(v) + 1 for v in vocabs])
 
     def _vocab(self, i: int) -> torch.Tensor:
         return getattr(self, f"vocab_{i}")

@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
 from recmem.tables.fused import FusedRowwiseAdagrad
-from recmem.tables.sharded import KindShard, RowRouter, RowShard
+from recmem.tables.sharded import RowKeys, RowRouter
 
 
 class HashTable(torch.nn.Module):
@@ -47,13 +47,11 @@ class HashTable(torch.nn.Module):
         return cls(feature_names, cfg.num_embeddings, cfg.embedding_dim, cfg.learning_rate, seed)
 
     @classmethod
-    def shard_from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
-                          where: str, rank: int, world_size: int) -> KindShard:
-        """This worker's rows for the ID-sharded path: routed by ``id mod n``, dealt round-robin."""
+    def row_keys_from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
+                             where: str) -> RowKeys:
+        """How the distributed paths split this kind (``recmem/tables/sharded.py``): by row ``id mod n``."""
         _check_config(cfg, where)
-        rows = [cfg.num_embeddings] * len(feature_names)
-        shard = RowShard(feature_names, rows, cfg.embedding_dim, cfg.learning_rate, seed, rank, world_size)
-        return KindShard(router=ModRouter(cfg.num_embeddings), shard=shard)
+        return RowKeys(router=ModRouter(cfg.num_embeddings), rows=[cfg.num_embeddings] * len(feature_names))
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Raw-ID KJT of ``feature_names`` -> [B, F, D]."""

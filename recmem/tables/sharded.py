@@ -19,10 +19,15 @@ Duplicate keys cross the wire once, with their count: the owner feeds its shard 
 drive the admission filters of collisionless tables) and the row's gradient is the sum over all
 occurrences, exactly as unsharded.
 
-A kind joins by giving its class a ``shard_from_config`` classmethod (see :class:`ShardableKind`):
-``full`` and ``hash`` route by global row number and keep the rows ``r, r + W, r + 2W, ...`` in a
-:class:`RowShard`; a kind that maps raw IDs to rows itself (``collisionless``) routes by raw ID and
-uses a smaller instance of itself as the shard.
+A kind joins in one of two ways:
+
+- a *row-keyed* kind (fixed rows per feature, like ``full`` and ``hash``) gives its class a
+  ``row_keys_from_config`` classmethod (:class:`RowKeyedKind`): raw IDs -> global row numbers, and
+  each feature's row count. Worker r then keeps rows ``r, r + W, r + 2W, ...`` in a :class:`RowShard`;
+  the same description lets TorchRec's ``DistributedModelParallel`` shard the kind instead.
+- a kind that maps raw IDs to rows itself (``collisionless``) gives its class a
+  ``shard_from_config`` classmethod (:class:`ShardableKind`): it routes by raw ID and uses a smaller
+  instance of itself as the shard.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recmem.config import TableConfig
+from recmem.config import ConfigError, TableConfig
 from recmem.tables.base import Evictable
 from recmem.tables.fused import FusedRowwiseAdagrad
 
@@ -52,6 +57,33 @@ class Router(Protocol):
 
     def owners(self, keys: torch.Tensor, world_size: int) -> torch.Tensor:
         """[N] int64 keys -> [N] int64 rank in ``[0, world_size)`` that holds each key's row."""
+        ...
+
+
+class RowKeys(NamedTuple):
+    """What a row-keyed kind tells the distributed paths.
+
+    The unsharded table must store its rows as ``FusedRowwiseAdagrad(rows, D, learning_rate, seed)``
+    does, so shards can start from the same values.
+
+    Attributes:
+        router: raw IDs -> global row numbers (a :class:`RowRouter` module, held by every worker).
+        rows: rows of each feature's table.
+    """
+
+    router: torch.nn.Module
+    rows: list[int]
+
+
+@runtime_checkable
+class RowKeyedKind(Protocol):
+    """A table kind (the class) whose IDs map to fixed rows, so it can be split by row."""
+
+    @classmethod
+    def row_keys_from_config(
+        cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str,
+    ) -> RowKeys:
+        """The router and the row counts of the table ``from_config`` would build (no rows allocated)."""
         ...
 
 
@@ -283,23 +315,36 @@ class RowShard(torch.nn.Module):
         return {"rows": float(sum(self.rows.rows))}
 
 
+def kind_shard(kind: type, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
+               where: str, rank: int, world_size: int) -> KindShard:
+    """The router and ``rank``'s shard of one table block, built without the rest of the table.
+
+    Raises:
+        ConfigError: the kind can be neither row-split nor ID-sharded.
+    """
+    if isinstance(kind, ShardableKind):
+        return kind.shard_from_config(cfg, feature_names, seed, data_root, where, rank, world_size)
+    if isinstance(kind, RowKeyedKind):
+        keys = kind.row_keys_from_config(cfg, feature_names, seed, data_root, where)
+        shard = RowShard(feature_names, keys.rows, cfg.embedding_dim, cfg.learning_rate, seed, rank, world_size)
+        return KindShard(keys.router, shard)
+    raise ConfigError(f"{where}.kind: {cfg.kind!r} tables cannot be sharded "
+                      "(the kind has neither row_keys_from_config nor shard_from_config)")
+
+
 def build_sharded_tables(configs: list[TableConfig], sparse_features: list[str], data_root: Path,
                          seed: int, group: dist.ProcessGroup) -> torch.nn.Module:
     """``build_tables`` with every block ID-sharded over ``group``'s workers.
 
     Raises:
-        ConfigError: as ``build_tables``, or a kind that cannot be ID-sharded.
+        ConfigError: as ``build_tables``, or a kind that cannot be sharded.
     """
-    from recmem.config import ConfigError
     from recmem.tables import build_tables
 
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
 
     def make(kind: type, cfg: TableConfig, names: list[str], table_seed: int, root: Path, where: str):
-        if not isinstance(kind, ShardableKind):
-            raise ConfigError(f"{where}.kind: {cfg.kind!r} tables cannot be sharded by ID "
-                              "(the kind has no shard_from_config)")
-        parts = kind.shard_from_config(cfg, names, table_seed, root, where, rank, world_size)
+        parts = kind_shard(kind, cfg, names, table_seed, root, where, rank, world_size)
         return sharded_table(names, cfg.embedding_dim, parts, group)
 
     return build_tables(configs, sparse_features, data_root, seed, make=make)
