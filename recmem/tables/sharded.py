@@ -181,7 +181,8 @@ class ShardedTable(torch.nn.Module):
         bags = torch.repeat_interleave(torch.arange(num_features * batch), features.lengths())  # [N]
         pooled = unique_rows.new_zeros(num_features * batch, self.embedding_dim)
         pooled = pooled.index_add(0, bags, unique_rows[inverse])  # [F * b, D]
-        self._count_traffic(len(request), len(rows), torch.is_grad_enabled() and self.training)
+        if torch.is_grad_enabled() and self.training:
+            self._count_traffic(send, recv)
         return pooled.view(num_features, batch, self.embedding_dim).transpose(0, 1)  # [b, F, D]
 
     def _lookup(self, pairs: torch.Tensor) -> torch.Tensor:
@@ -201,11 +202,12 @@ class ShardedTable(torch.nn.Module):
         rows = pooled[slot, feature] / count[:, None].to(pooled.dtype)  # [R, D]
         return rows[torch.argsort(by_feature)]
 
-    def _count_traffic(self, requested: int, answered: int, backward: bool) -> None:
-        """Bytes this worker sends per step: counts, requests, answered rows (+ gradients back)."""
-        row_bytes = self.embedding_dim * 4
-        sent = 8 * self.world_size + 24 * requested + row_bytes * answered
-        self._sent_bytes += sent + (row_bytes * requested if backward else 0)
+    def _count_traffic(self, send: list[int], recv: list[int]) -> None:
+        """Bytes this worker puts on the network in one training step (what it sends itself stays
+        local): counts, requests (24 B each), answered rows, and the gradients of its rows back."""
+        rank, row_bytes = dist.get_rank(self.group), self.embedding_dim * 4
+        requested, answered = sum(send) - send[rank], sum(recv) - recv[rank]
+        self._sent_bytes += 8 * (self.world_size - 1) + (24 + row_bytes) * requested + row_bytes * answered
         self._steps += 1
 
     def memory_bytes(self) -> int:
@@ -214,7 +216,8 @@ class ShardedTable(torch.nn.Module):
         return int(self.shard.memory_bytes()) + router
 
     def stats(self) -> dict[str, float]:
-        """The shard's stats plus the bytes sent per exchange step since the last call."""
+        """The shard's stats plus the network bytes this worker sent per training step since the
+        last call."""
         out = dict(self.shard.stats())
         if self._steps:
             out["alltoall_bytes_per_step"] = self._sent_bytes / self._steps
