@@ -20,6 +20,7 @@ SCHEMA = small_schema()
 KIND_CONFIGS = {
     "full": TableConfig(kind="full", embedding_dim=8),
     "hash": TableConfig(kind="hash", embedding_dim=8, num_embeddings=64),
+    "collisionless": TableConfig(kind="collisionless", embedding_dim=8, options={"capacity": 1000, "initial_rows": 16}),
 }
 
 

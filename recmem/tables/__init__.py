@@ -13,12 +13,14 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
+from recmem.tables.collisionless import CollisionlessTable
 from recmem.tables.full import FullTable
 from recmem.tables.hash import HashTable
 
 TABLE_KINDS = {
     "full": FullTable,
     "hash": HashTable,
+    "collisionless": CollisionlessTable,
 }
 
 
