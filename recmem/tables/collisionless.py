@@ -81,7 +81,9 @@ class CollisionlessTable(torch.nn.Module):
         self.seed = seed
         self.slots = SlotMap(len(feature_names), capacity, min(initial_rows, capacity), min_count,
                              filter_width, eviction, seed, track_changes)
-        self.rows = FusedRowwiseAdagrad(self.slots.allocations(), embedding_dim, learning_rate, seed)
+        # No initial draw: a row gets its values when an ID is admitted to it (``_init_row``).
+        self.rows = FusedRowwiseAdagrad(self.slots.allocations(), embedding_dim, learning_rate, seed,
+                                        initialise=False)
         self._init_bound = math.sqrt(1.0 / capacity) if init_bound is None else init_bound
         self._now = 0
 
@@ -190,7 +192,8 @@ class CollisionlessTable(torch.nn.Module):
         if allocations == self.rows.rows:
             return
         old = self.rows
-        new = FusedRowwiseAdagrad(allocations, self.embedding_dim, old.tbe.get_learning_rate(), self.seed)
+        new = FusedRowwiseAdagrad(allocations, self.embedding_dim, old.tbe.get_learning_rate(), self.seed,
+                                  initialise=False)
         (old_w, old_m), (new_w, new_m) = _flat(old), _flat(new)
         old_base, new_base = np.cumsum([0] + old.rows), np.cumsum([0] + allocations)
         for t, n in enumerate(old.rows):
