@@ -38,10 +38,10 @@ def make_dense_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch
     """The optimizer of the dense layers (tables carry their own, fused into backward)."""
     lr = cfg.train.learning_rate
     if cfg.train.dense_optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return torch.optim.Adam(params, lr=lr, fused=True)
     if cfg.train.dense_optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, foreach=True)
-    return torch.optim.Adagrad(params, lr=lr, foreach=True)
+    return torch.optim.Adagrad(params, lr=lr, fused=True)
 
 
 def evaluate(model: CTRModel, batches: Iterator[Batch], split: str = "valid") -> dict[str, float]:
