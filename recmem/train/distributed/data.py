@@ -18,6 +18,7 @@ Skipped batches are still read (Ray Data cannot seek), but not collated or train
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 
 from recmem.config import Config, ConfigError
+from recmem.data.layout import PART_GLOB, part_files
 
 if TYPE_CHECKING:
     from recmem.data.batch import Batch
@@ -46,10 +48,14 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
 
 
 def build_datasets(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The ``train`` and ``valid`` Ray Datasets of ``cfg.data.root`` (lazy: nothing is read yet).
+    """The ``train`` and ``valid`` Ray Datasets of ``cfg.data.root`` (lazy: only footers are read).
+
+    Training keeps whole global batches only (the loop drops a last partial batch anyway): with a
+    number of blocks that divides by W the deal stays round-robin to the very end, where Ray's
+    splitter would otherwise share the leftover blocks out of turn to even the workers' rows.
 
     Raises:
-        FileNotFoundError: a local data root or split is missing.
+        FileNotFoundError: the data root or a split is missing.
         ConfigError: the batch does not split over the workers.
     """
     import ray.data
@@ -59,31 +65,31 @@ def build_datasets(cfg: Config, world_size: int) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = cfg.train.progress
     out = {}
     for split in SPLITS:
-        paths = _split_paths(cfg.data.root, split)
-        columns = _columns(cfg, paths)
-        dataset = ray.data.read_parquet(paths, columns=columns, file_extensions=["parquet"])
+        fs, paths = _part_files(cfg.data.root, split)
+        dataset = ray.data.read_parquet(paths, filesystem=fs, columns=_columns(cfg, fs, paths[0]))
+        if split == "train":
+            total = sum(pq.read_metadata(path, filesystem=fs).num_rows for path in paths)
+            dataset = dataset.limit(total // cfg.data.batch_size * cfg.data.batch_size)
         out[split] = dataset.repartition(target_num_rows_per_block=rows, strict=True)
     return out
 
 
-def _split_paths(root: str, split: str) -> list[str] | str:
-    """Local roots: the sorted part files (a missing split fails here, clearly); URIs: the folder."""
-    if "://" in root:
-        return f"{root.rstrip('/')}/{split}"
-    from recmem.data.layout import part_files
+def _part_files(root: str, split: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
+    """The split's part files in order, on a local disk or any pyarrow filesystem URI."""
+    if "://" not in root:
+        return pyarrow.fs.LocalFileSystem(), [str(p) for p in part_files(Path(root), split)]
+    fs, folder = pyarrow.fs.FileSystem.from_uri(f"{root.rstrip('/')}/{split}")
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    paths = sorted(i.path for i in infos if fnmatch.fnmatch(i.base_name, PART_GLOB))
+    if not paths:
+        raise FileNotFoundError(f"{root}/{split}: no {PART_GLOB} files")
+    return fs, paths
 
-    return [str(p) for p in part_files(Path(root), split)]
 
-
-def _columns(cfg: Config, paths: list[str] | str) -> list[str]:
+def _columns(cfg: Config, fs: pyarrow.fs.FileSystem, first: str) -> list[str]:
     """The schema's columns, plus event time and true probability when the data has them."""
     schema = cfg.data.schema
-    if isinstance(paths, str):
-        fs, folder = pyarrow.fs.FileSystem.from_uri(paths)
-        first = min(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(folder)) if i.path.endswith(".parquet"))
-        names = pq.read_schema(first, filesystem=fs).names
-    else:
-        names = pq.read_schema(paths[0]).names
+    names = pq.read_schema(first, filesystem=fs).names
     optional = [c for c in (schema.event_time, schema.true_prob) if c is not None and c in names]
     return [schema.label, *schema.dense, *schema.sparse, *optional]
 
