@@ -72,3 +72,19 @@ def test_ray_job_submit_runs_the_quickstart(head, tmp_path):
     assert "succeeded" in job.stdout + job.stderr
     assert "valid AUC" in job.stdout, job.stdout[-4000:]
     assert list((tmp_path / "runs" / "quickstart" / "checkpoints" / "ray" / "recmem").glob("checkpoint_*/rank-00001.pt"))
+
+
+def test_cluster_manifests_run_the_job_entrypoint():
+    import yaml
+
+    rayjob = yaml.safe_load((REPO / "deploy/cluster/rayjob.yaml").read_text())
+    cluster = yaml.safe_load((REPO / "deploy/cluster/cluster.yaml").read_text())
+    entrypoint = rayjob["spec"]["entrypoint"].split()
+    assert rayjob["kind"] == "RayJob" and entrypoint[:2] == ["python", "jobs/train.py"]
+    assert (REPO / entrypoint[entrypoint.index("--config") + 1]).is_file()
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == __import__("ray").__version__
+    assert cluster["head_node_type"] in cluster["available_node_types"]
+    assert "jobs/train.py" in (REPO / "deploy/cluster/cluster.yaml").read_text()
+    from recmem.config import load_config
+
+    load_config(REPO / entrypoint[entrypoint.index("--config") + 1], [a for a in entrypoint if "=" in a])
