@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Iterator
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -280,22 +281,10 @@ class RowShard(torch.nn.Module):
         local = [max(len(range(rank, n, world_size)), 1) for n in rows]
         self.rows = FusedRowwiseAdagrad(local, embedding_dim, learning_rate, seed)
         with torch.no_grad():
-            for t, values in enumerate(self._initial_rows(seed)):
-                self.rows.weights(t)[: len(values)] = values
-
-    def _initial_rows(self, seed: int) -> list[torch.Tensor]:
-        """This rank's part of the unsharded initial rows, generated a chunk at a time: [n_t / W, D]."""
-        generator = torch.Generator().manual_seed(seed)
-        out = []
-        for n in self.global_rows:
-            bound = math.sqrt(1.0 / n)
-            kept = []
-            for start in range(0, n, _INIT_CHUNK_ROWS):
-                chunk = torch.empty(min(_INIT_CHUNK_ROWS, n - start), self.embedding_dim)
-                chunk.uniform_(-bound, bound, generator=generator)
-                kept.append(chunk[(self.rank - start) % self.world_size :: self.world_size])
-            out.append(torch.cat(kept))
-        return out
+            for t, start, chunk in initial_rows(self.global_rows, embedding_dim, seed):
+                mine = chunk[(rank - start) % world_size :: world_size]  # global rows = rank mod W
+                first = -(-(start - rank) // world_size)  # local index of the first of them
+                self.rows.weights(t)[first : first + len(mine)] = mine
 
     def forward(self, keys: KeyedJaggedTensor) -> torch.Tensor:
         """KJT of global row numbers owned here -> [B', F, D] pooled rows."""
@@ -316,6 +305,23 @@ class RowShard(torch.nn.Module):
     def stats(self) -> dict[str, float]:
         """Rows held on this worker."""
         return {"rows": float(sum(self.rows.rows))}
+
+
+def initial_rows(rows: list[int], embedding_dim: int, seed: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Replay the initial rows of ``FusedRowwiseAdagrad(rows, embedding_dim, lr, seed)`` in chunks.
+
+    A shard keeps the part it owns, so no worker ever holds a whole table to start from the same
+    values as one.
+
+    Yields:
+        (table, first row of the chunk, chunk [c, D]) in the unsharded table's generation order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for table, n in enumerate(rows):
+        bound = math.sqrt(1.0 / n)
+        for start in range(0, n, _INIT_CHUNK_ROWS):
+            chunk = torch.empty(min(_INIT_CHUNK_ROWS, n - start), embedding_dim)
+            yield table, start, chunk.uniform_(-bound, bound, generator=generator)
 
 
 def kind_shard(kind: type, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
