@@ -154,8 +154,10 @@ class RayConfig:
     go to ``storage_path`` (a folder or a pyarrow/fsspec URI such as ``s3://bucket/runs``; empty:
     ``<workdir>/<train.checkpoint_dir>/ray``) under ``run_name``; ``train.resume: false`` starts a
     fresh run name. A failed worker group is restarted from the latest checkpoint up to
-    ``max_failures`` times. ``sharding`` (see ``recmem/train/distributed/plan.py``): ``id`` deals each
-    table's rows to workers by key with an all-to-all exchange (every kind); ``auto`` picks per table.
+    ``max_failures`` times. ``sharding`` (see ``recmem/train/distributed/plan.py``): ``auto`` lets
+    TorchRec's planner shard ``full``/``hash`` tables table- or row-wise and ID-shards other kinds;
+    ``table_wise`` / ``row_wise`` / ``column_wise`` force that TorchRec layout; ``id`` deals every
+    table's rows to workers by key with an all-to-all exchange (every kind).
     """
 
     enabled: bool = True
@@ -167,7 +169,7 @@ class RayConfig:
     storage_path: str = ""
     run_name: str = "recmem"
     max_failures: int = 2
-    sharding: Literal["auto", "id"] = "auto"
+    sharding: Literal["auto", "id", "table_wise", "row_wise", "column_wise"] = "auto"
 
 
 @dataclass

@@ -1,15 +1,17 @@
-"""The sharding plan: how one worker's model is split from the config, and the plan as MLflow params.
+"""The sharding plan: how one worker's part of the model is built from the config, and the plan as
+MLflow params.
 
-Tables are model-parallel and dense layers data-parallel. Each ``model.tables`` block is split over
-the workers by ``ray.sharding``:
+Tables are model-parallel, dense layers data-parallel (``DistributedDataParallel``: gradients
+averaged by all-reduce). Each ``model.tables`` block is split over the workers by ``ray.sharding``:
 
-- ``id``: ID-sharded (``recmem/tables/sharded.py``). Each worker keeps the rows of the keys it owns
-  and looks the rest up by all-to-all; works for every kind with a ``shard_from_config`` (``full``,
-  ``hash``, and kinds that map raw IDs themselves such as ``collisionless``). No table is replicated.
-- ``auto``: ``id`` for every block.
+- ``auto``: row-keyed kinds (``full``, ``hash``) go to TorchRec's ``DistributedModelParallel`` with
+  its planner choosing table- or row-wise per table (``dmp.py``); every other kind is ID-sharded.
+- ``table_wise`` / ``row_wise`` / ``column_wise``: that DMP layout for row-keyed kinds; the others
+  ID-sharded.
+- ``id``: every block ID-sharded (``recmem/tables/sharded.py``): each worker keeps the rows of the
+  keys it owns and looks the rest up by all-to-all; works for every kind that can be split.
 
-The dense part is wrapped in ``DistributedDataParallel`` (gradients averaged by all-reduce). One
-worker needs no split and trains the plain model.
+No table is replicated whole on every worker. One worker needs no split and trains the plain model.
 """
 
 from __future__ import annotations
@@ -20,36 +22,52 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from recmem.config import Config
+from recmem.config import Config, TableConfig
 from recmem.models import CTRModel, build_dense, build_model
-from recmem.tables.sharded import build_sharded_tables
-
-
-def sharding_plan(cfg: Config, world_size: int) -> dict[str, str]:
-    """``{"sharding.<block>": "<layout> <kind> <features>"}`` (logged as MLflow params)."""
-    if world_size == 1:
-        return {"sharding": "none (1 worker)"}
-    plan = {"sharding": f"{cfg.ray.sharding} over {world_size} workers, dense data-parallel"}
-    for i, block in enumerate(cfg.model.tables):
-        names = ",".join(block.feature_names) or "(the remaining features)"
-        plan[f"sharding.{i}"] = f"id {block.kind} {names}"
-    return plan
+from recmem.tables import TableCollection, build_tables
+from recmem.tables.sharded import RowKeyedKind, kind_shard, sharded_table
+from recmem.train.distributed.dmp import DmpTables
 
 
 def build_worker_model(cfg: Config, world_size: int) -> CTRModel:
     """This worker's part of ``cfg``'s model; collective: every worker calls it together.
 
-    Starts from the same values as the single-process :func:`~recmem.models.build_model`: table
-    shards replay their table's initial rows, and DDP copies rank 0's dense layers to every rank.
+    Starts from the same values as the single-process :func:`~recmem.models.build_model`: table parts
+    replay their table's initial rows, and DDP copies rank 0's dense layers to every rank.
     """
     m, schema = cfg.model, cfg.data.schema
     bf16 = cfg.train.precision == "bf16"
     if world_size == 1:
         return build_model(m, schema, Path(cfg.data.root), cfg.seed, bf16)
-    # Table traffic gets its own gloo group: its all-to-alls run on CPU tensors and never interleave
-    # with DDP's all-reduce on the default group (NCCL when the dense part is on GPUs).
-    tables_group = dist.new_group(backend="gloo")
+    # Table traffic gets its own gloo group: its collectives never interleave with DDP's all-reduce
+    # on the default group.
+    group = dist.new_group(backend="gloo")
+    rank = dist.get_rank(group)
+
+    def make(kind: type, block: TableConfig, names: list[str], seed: int, root: Path, where: str):
+        if cfg.ray.sharding != "id" and isinstance(kind, RowKeyedKind):
+            keys = kind.row_keys_from_config(block, names, seed, root, where)
+            return DmpTables(names, keys.router, keys.rows, block.embedding_dim, block.learning_rate, seed,
+                             group, cfg.ray.sharding)
+        return sharded_table(names, block.embedding_dim,
+                             kind_shard(kind, block, names, seed, root, where, rank, world_size), group)
+
+    # The dense layers first: build_model's tables draw nothing from torch's global generator, but
+    # DMP initialises its shards from it, which would shift the dense layers' initial values.
     torch.manual_seed(cfg.seed)
-    tables = build_sharded_tables(m.tables, schema.sparse, Path(cfg.data.root), cfg.seed, tables_group)
-    dense = DistributedDataParallel(build_dense(m, schema))
-    return CTRModel(tables, dense, bf16)
+    dense = build_dense(m, schema)
+    tables = build_tables(m.tables, schema.sparse, Path(cfg.data.root), cfg.seed, make=make)
+    return CTRModel(tables, DistributedDataParallel(dense), bf16)
+
+
+def sharding_plan(tables: TableCollection, world_size: int) -> dict[str, str]:
+    """``{"sharding": summary, "sharding.<feature>": layout}`` of built tables (MLflow params)."""
+    if world_size == 1:
+        return {"sharding": "none (1 worker)"}
+    plan = {}
+    for table in tables.tables:
+        layout = getattr(table, "layout", None) or {f: "id" for f in table.feature_names}
+        plan.update({f"sharding.{f}": kind for f, kind in layout.items()})
+    counts = {k: list(plan.values()).count(k) for k in sorted(set(plan.values()))}
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    return {"sharding": f"{world_size} workers: {summary} tables; dense data-parallel", **plan}

@@ -29,6 +29,6 @@ def train_worker(payload: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.ray.torch_threads or max(1, round(cfg.ray.cpus_per_worker)))
     model = build_worker_model(cfg, world_size)
-    plan = sharding_plan(cfg, world_size)
+    plan = sharding_plan(model.tables, world_size)
     train(cfg, shard_source(cfg, world_size), rank=rank, model=model,
           store=RayCheckpoints(rank, world_size, plan), run_id=payload["run_id"], params=plan)
