@@ -4,6 +4,7 @@
 - ``data.py``: Ray Data ``read_parquet`` -> one-batch blocks -> a per-worker ``BatchSource``.
 - ``worker.py``: each worker's entry: its model part, then ``train()``.
 - ``plan.py``: how tables are split over workers (the sharding plan).
+- ``dmp.py``: TorchRec ``DistributedModelParallel`` for ``full``/``hash`` tables.
 - ``store.py``: per-rank checkpoint shards through Ray Train's checkpoint storage.
 """
 
