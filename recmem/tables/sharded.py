@@ -164,11 +164,7 @@ class ShardedTable(torch.nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Raw-ID KJT of ``feature_names`` (local batch b) -> [b, F, D] pooled embeddings."""
         num_features, batch = len(self.feature_names), features.stride()
-        keys = self.router(features)  # [N]
-        feature_of = torch.repeat_interleave(
-            torch.arange(num_features), torch.tensor(features.length_per_key()))  # [N]
-        pairs, inverse, counts = torch.unique(
-            torch.stack([feature_of, keys], dim=1), dim=0, return_inverse=True, return_counts=True)
+        pairs, inverse, counts = _unique_per_feature(self.router(features), features.length_per_key())
         owners = self.router.owners(pairs[:, 1], self.world_size)  # [U]
         order = torch.argsort(owners, stable=True)
         send_counts = torch.bincount(owners, minlength=self.world_size)  # [W]
@@ -224,6 +220,23 @@ class ShardedTable(torch.nn.Module):
             out["alltoall_bytes_per_step"] = self._sent_bytes / self._steps
         self._sent_bytes, self._steps = 0, 0
         return out
+
+
+def _unique_per_feature(keys: torch.Tensor, per_feature: list[int]) -> tuple[torch.Tensor, ...]:
+    """Distinct (feature, key) pairs of key-major ``keys`` [N].
+
+    Returns:
+        pairs [U, 2] (feature, key) sorted by feature then key, inverse [N] (each key's pair), counts [U].
+    """
+    pairs, inverses, counts, seen = [], [], [], 0
+    # One 1-D unique per feature: torch.unique over [N, 2] rows is some 30x slower.
+    for feature, part in enumerate(torch.split(keys, per_feature)):
+        unique, inverse, count = torch.unique(part, return_inverse=True, return_counts=True)
+        pairs.append(torch.stack([torch.full_like(unique, feature), unique], dim=1))
+        inverses.append(inverse + seen)
+        counts.append(count)
+        seen += len(unique)
+    return torch.cat(pairs), torch.cat(inverses), torch.cat(counts)
 
 
 class EvictableShardedTable(ShardedTable):
