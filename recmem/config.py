@@ -60,15 +60,55 @@ class RawConfig:
     part_rows: int = 1_000_000
 
 
+# Criteo Kaggle (DAC) distinct values of C1..C26 and missing fraction of I1..I13: the shape the
+# synthetic generator imitates.
+CRITEO_CARDINALITIES = [
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+]
+CRITEO_DENSE_MISSING = [
+    0.448, 0.0, 0.204, 0.198, 0.049, 0.251, 0.049, 0.001, 0.049, 0.448, 0.049, 0.774, 0.198,
+]
+
+
 @dataclass
 class SyntheticConfig:
-    """recmem's Criteo-shaped generator (``recmem generate``)."""
+    """recmem's Criteo-shaped generator (``recmem generate``); the defaults are the quickstart data.
+
+    Field sizes: a cardinality ``c`` above ``cardinality_pivot`` becomes
+    ``pivot * (c / pivot) ** cardinality_exponent`` (10M -> ~320k at the defaults). ID lifetimes:
+    the slot of popularity rank r keeps an ID ``max(min_lifetime_days, head_lifetime_days *
+    r ** -lifetime_exponent)`` days. An ID's first-order effect and latent vector are scaled by
+    ``share / (share + effect_half_share)`` and ``share / (share + interaction_half_share)``, share
+    being its expected share of its field's rows, so rare IDs carry little signal. The defaults give
+    an oracle valid AUC near 0.80 and a positive rate of 0.25. See ``recmem.data.synthetic``.
+    """
 
     train_rows: int = 600_000
     valid_rows: int = 100_000
     seed: int = 0
     chunk_rows: int = 100_000
     num_days: int = 7
+    start_time: int = 1_704_067_200
+    diurnal_amplitude: float = 0.5
+    cardinalities: list[int] = field(default_factory=lambda: list(CRITEO_CARDINALITIES))
+    cardinality_pivot: int = 10_000
+    cardinality_exponent: float = 0.5
+    zipf_exponent: float = 1.3
+    head_lifetime_days: float = 1000.0
+    lifetime_exponent: float = 1.0
+    min_lifetime_days: float = 1.0
+    dense_missing: list[float] = field(default_factory=lambda: list(CRITEO_DENSE_MISSING))
+    positive_rate: float = 0.25
+    latent_dim: int = 4
+    first_order_std: float = 0.45
+    interaction_std: float = 0.34
+    dense_std: float = 0.5
+    dense_interaction_std: float = 0.5
+    effect_half_share: float = 3e-2
+    interaction_half_share: float = 3e-2
+    field_importance_spread: float = 1.0
+    interaction_cardinality_exponent: float = 0.5
 
 
 @dataclass
