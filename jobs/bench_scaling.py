@@ -1,14 +1,15 @@
 """Ray scaling on this machine: samples/s for 1 and 2 workers, bytes per step per worker, projection.
 
-    python jobs/bench_scaling.py --rows 60000                   # ~4 min on 2 busy cores
-    python jobs/bench_scaling.py --rows 400000 --workers 1 2 4  # a bigger machine
+    python jobs/bench_scaling.py --rows 60000 --sharding id auto   # ~5 min on 2 busy cores
+    python jobs/bench_scaling.py --rows 400000 --workers 1 2 4      # a bigger machine
 
-Trains the quickstart model (DLRM over ID-sharded ``full`` tables on recmem's synthetic Criteo-shaped
-data) once per worker count on one local Ray, with the same global batch, and prints a Markdown
-report: the loop's samples/s (forward, exchanges, backward, optimizer; not time spent waiting for
-Ray Data), wall time of the whole job, the all-to-all bytes each worker sent per step (measured by
-the sharded tables), the DDP all-reduce bytes (computed from the dense parameter count), and a
-projection of throughput for 8 and 64 workers on a 25 Gb/s network (model in ``project``).
+Trains the quickstart model (DLRM over ``full`` tables on recmem's synthetic Criteo-shaped data) on
+one local Ray with the same global batch: once on 1 worker, then per worker count > 1 and per
+``ray.sharding`` value. Prints a Markdown report: the loop's samples/s (forward, exchanges, backward,
+optimizer; not time spent waiting for Ray Data), wall time of the whole job, the all-to-all bytes
+each worker sent per step (measured by ID-sharded tables), the DDP all-reduce bytes (computed from
+the dense parameter count), and a projection of throughput for 8 and 64 workers on a 25 Gb/s
+network from the first ID-sharded run (model in ``project``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--config", default=str(QUICKSTART))
     p.add_argument("--rows", type=int, default=60_000, help="training rows to generate")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--sharding", nargs="+", default=["id"], help="ray.sharding values for runs of > 1 worker")
     p.add_argument("--train-cpus", type=float, default=1.0, help="CPUs shared by the workers (rest: Ray Data)")
     p.add_argument("--workdir", default="", help="where data and runs go (default: a temporary folder)")
     args = p.parse_args()
@@ -78,33 +80,36 @@ def main() -> None:
     ray.init(address="local", num_cpus=None)
     results = {}
     for w in args.workers:
-        cfg = load_config(args.config, data + [
-            f"workdir={workdir / f'w{w}'}", f"ray.num_workers={w}", f"ray.cpus_per_worker={args.train_cpus / w}",
-            "ray.torch_threads=1", "train.eval_every=0", "train.checkpoint_every=0", "train.progress=false",
-            "tracking.enabled=false", "train.resume=false"])
-        results[w] = run(cfg)
+        for sharding in args.sharding if w > 1 else ["none"]:
+            cfg = load_config(args.config, data + [
+                f"workdir={workdir / f'w{w}-{sharding}'}", f"ray.num_workers={w}",
+                f"ray.cpus_per_worker={args.train_cpus / w}", "ray.torch_threads=1",
+                f"ray.sharding={'auto' if sharding == 'none' else sharding}", "train.eval_every=0",
+                "train.checkpoint_every=0", "train.progress=false", "tracking.enabled=false", "train.resume=false"])
+            results[w, sharding] = run(cfg)
     ray.shutdown()
     print_report(base, results)
 
 
-def print_report(cfg: Config, results: dict[int, dict[str, float]]) -> None:
+def print_report(cfg: Config, results: dict[tuple[int, str], dict[str, float]]) -> None:
     """The Markdown tables BENCHMARKS.md quotes."""
     print(f"global batch {cfg.data.batch_size}, {len(cfg.data.schema.sparse)} sparse features, "
           f"dim {cfg.model.tables[0].embedding_dim}\n")
-    print("| workers | loop samples/s | job wall s | valid AUC | all-to-all B/step/worker | all-reduce B/step/worker |")
-    print("|---|---|---|---|---|---|")
-    for w, m in results.items():
+    print("| workers | sharding | loop samples/s | job wall s | valid AUC | all-to-all B/step/worker "
+          "| all-reduce B/step/worker |")
+    print("|---|---|---|---|---|---|---|")
+    for (w, sharding), m in results.items():
         a2a = sum(v for k, v in m.items() if k.endswith("alltoall_bytes_per_step"))
-        print(f"| {w} | {m['train/samples_per_second']:,.0f} | {m['wall_s']:.0f} | {m['valid/auc']:.4f} "
-              f"| {a2a:,.0f} | {allreduce_bytes(cfg, w) if w > 1 else 0:,.0f} |")
-    sharded = [w for w in results if w > 1]
-    if not sharded or 1 not in results:
+        print(f"| {w} | {sharding} | {m['train/samples_per_second']:,.0f} | {m['wall_s']:.0f} | {m['valid/auc']:.4f} "
+              f"| {f'{a2a:,.0f}' if a2a else '-'} | {allreduce_bytes(cfg, w) if w > 1 else 0:,.0f} |")
+    sharded = [key for key in results if key[1] == "id"]
+    if not sharded or (1, "none") not in results:
         return
-    w = sharded[0]
-    measured = results[w]
+    w = sharded[0][0]
+    measured = results[sharded[0]]
     a2a = sum(v for k, v in measured.items() if k.endswith("alltoall_bytes_per_step"))
     local_batch = cfg.data.batch_size // w
-    step_s = local_batch / results[1]["train/samples_per_second"]  # one worker's compute for b rows
+    step_s = local_batch / results[1, "none"]["train/samples_per_second"]  # one worker's compute for b rows
     print(f"\nprojection: {local_batch} rows per worker per step, {step_s * 1e3:.0f} ms compute each "
           f"(measured, 1 worker), 25 Gb/s, {LATENCY_S * 1e6:.0f} us per message\n")
     print("| workers | network B/step/worker | network ms/step | samples/s |")
