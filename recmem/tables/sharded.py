@@ -292,7 +292,7 @@ class RowShard(torch.nn.Module):
         self.rank, self.world_size = rank, world_size
         # A table with fewer rows than workers leaves some ranks none; a TBE needs one, never read.
         local = [max(len(range(rank, n, world_size)), 1) for n in rows]
-        self.rows = FusedRowwiseAdagrad(local, embedding_dim, learning_rate, seed)
+        self.rows = FusedRowwiseAdagrad(local, embedding_dim, learning_rate, seed, initialise=False)
         with torch.no_grad():
             for t, start, chunk in initial_rows(self.global_rows, embedding_dim, seed):
                 mine = chunk[(rank - start) % world_size :: world_size]  # global rows = rank mod W
