@@ -1,8 +1,8 @@
 """Ray Data in, Batches out: the driver declares the datasets, each worker streams its split of them.
 
-The driver reads nothing: ``read_parquet`` streams the part files in read tasks spread over the
-cluster, ``repartition`` cuts them into blocks of exactly one local batch (``data.batch_size / W``
-rows), and Ray Train's ``streaming_split`` deals the blocks to the W workers. With order preserved and
+The driver reads only Parquet footers: ``read_parquet`` streams the part files in read tasks spread
+over the cluster, ``repartition`` cuts them into blocks of exactly one local batch
+(``data.batch_size / W`` rows), and Ray Train's ``streaming_split`` deals the blocks to the W workers. With order preserved and
 no locality preference, the splitter hands each block to the worker that has received the fewest
 rows, which for equal blocks is round-robin: worker r's step-s batch is block ``s * W + r``. So
 
