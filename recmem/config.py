@@ -80,8 +80,10 @@ class SyntheticConfig:
     the slot of popularity rank r keeps an ID ``max(min_lifetime_days, head_lifetime_days *
     r ** -lifetime_exponent)`` days. An ID's first-order effect and latent vector are scaled by
     ``share / (share + effect_half_share)`` and ``share / (share + interaction_half_share)``, share
-    being its expected share of its field's rows, so rare IDs carry little signal. The defaults give
-    an oracle valid AUC near 0.80 and a positive rate of 0.25. See ``recmem.data.synthetic``.
+    being its expected share of its field's rows, so rare IDs carry little signal. The four ``*_std``
+    are the standard deviations over rows of the logit's four terms (first-order, pairwise latent
+    interactions, dense, dense x sparse). The defaults give an oracle valid AUC near 0.80 and a
+    positive rate of 0.25. See ``recmem.data.synthetic``.
     """
 
     train_rows: int = 600_000
@@ -101,10 +103,10 @@ class SyntheticConfig:
     dense_missing: list[float] = field(default_factory=lambda: list(CRITEO_DENSE_MISSING))
     positive_rate: float = 0.25
     latent_dim: int = 4
-    first_order_std: float = 0.45
-    interaction_std: float = 0.34
-    dense_std: float = 0.5
-    dense_interaction_std: float = 0.5
+    first_order_std: float = 1.1
+    interaction_std: float = 0.56
+    dense_std: float = 0.45
+    dense_interaction_std: float = 0.2
     effect_half_share: float = 3e-2
     interaction_half_share: float = 3e-2
     field_importance_spread: float = 1.0

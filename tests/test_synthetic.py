@@ -189,6 +189,26 @@ def test_interactions_matter_logistic_regression_lags_the_oracle(
     assert flat_summary["valid/oracle_auc"] - _logistic_regression_auc(tmp_path) < 0.02
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_logit_terms_have_the_configured_spread_whatever_the_seed(seed: int) -> None:
+    cfg = dataclasses.replace(SAMPLE, seed=seed)
+    truth = build_truth(cfg)
+    rng = np.random.default_rng(123)
+    rows = truth.draw(rng, rng.uniform(0.0, cfg.num_days, 20_000))
+    terms = truth.components(rows.index, rows.standard)
+    np.testing.assert_allclose(truth.bias + sum(terms.values()), rows.logit, atol=1e-4)
+    configured = {
+        "first_order": cfg.first_order_std,
+        "interaction": cfg.interaction_std,
+        "dense": cfg.dense_std,
+        "dense_interaction": cfg.dense_interaction_std,
+    }
+    for name, std in configured.items():
+        assert terms[name].std() == pytest.approx(std, rel=0.1), name
+    # Pure interactions: the pairwise term is uncorrelated with the first-order one.
+    assert abs(np.corrcoef(terms["interaction"], terms["first_order"])[0, 1]) < 0.1
+
+
 def test_rare_ids_carry_weak_effects() -> None:
     truth = build_truth(SyntheticConfig(train_rows=1, valid_rows=0))
     big = max(range(len(truth.fields)), key=lambda f: truth.fields[f].ids.num_ids)

@@ -45,22 +45,15 @@ class DenseModel:
 
 
 def build_dense(
-    missing: list[float],
-    latent_dim: int,
-    weight_std: float,
-    cross_std: float,
-    rng: np.random.Generator,
-    pilot_rows: int = 20_000,
+    missing: list[float], latent_dim: int, rng: np.random.Generator, pilot_rows: int = 20_000
 ) -> DenseModel:
-    """Draw a dense model; its standardisation comes from a pilot sample of ``pilot_rows`` rows.
+    """Draw a dense model with unit-scale effects (the ground truth rescales them).
 
     Args:
         missing: per feature, the probability it is missing.
         latent_dim: K, the width of the sparse IDs' latent vectors.
-        weight_std: spread of the linear effects (total over features, not per feature).
-        cross_std: spread of the dense x sparse interaction (total over features).
         rng: draws everything.
-        pilot_rows: rows drawn to measure the features' mean and spread.
+        pilot_rows: rows drawn to measure the features' mean and spread, which standardise them.
     """
     missing_arr = np.asarray(missing, dtype=np.float64)
     num = len(missing_arr)
@@ -73,10 +66,8 @@ def build_dense(
         sigma=sigma,
         mean=pilot.mean(axis=0, dtype=np.float64).astype(np.float32),
         std=np.maximum(pilot.std(axis=0, dtype=np.float64), 1e-6).astype(np.float32),
-        weight=(weight_std / np.sqrt(num) * rng.standard_normal(num)).astype(np.float32),
-        project=(cross_std / np.sqrt(num * latent_dim) * rng.standard_normal((num, latent_dim))).astype(
-            np.float32
-        ),
+        weight=rng.standard_normal(num).astype(np.float32),
+        project=rng.standard_normal((num, latent_dim)).astype(np.float32),
     )
 
 

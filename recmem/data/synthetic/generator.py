@@ -65,8 +65,8 @@ def generate(cfg: SyntheticConfig, schema: SchemaConfig, out_root: Path, progres
 
     Returns:
         ``train/rows``, ``train/positive_rate``, ``train/mean_true_prob``, ``train/oracle_auc``,
-        ``train/oracle_logloss``, the same for ``valid/``, ``ids_seen/<field>`` (distinct IDs in the
-        log), ``seconds`` and ``rows_per_s``.
+        ``train/oracle_logloss``, the same for ``valid/``, ``seconds`` and ``rows_per_s`` (the
+        whole call: ground truth, Parquet and feature statistics).
     """
     _check(cfg, schema)
     started = time.perf_counter()
@@ -74,7 +74,6 @@ def generate(cfg: SyntheticConfig, schema: SchemaConfig, out_root: Path, progres
     out_root = Path(out_root)
     total = cfg.train_rows + cfg.valid_rows
     clock = Clock(cfg.start_time, cfg.num_days, total, cfg.diurnal_amplitude)
-    seen = [np.zeros(f.ids.num_ids, dtype=bool) for f in truth.fields]
     summary: dict = {}
     with tqdm(total=total, unit="rows", disable=not progress, desc="generate") as bar:
         splits = (("train", 0, cfg.train_rows), ("valid", cfg.train_rows, cfg.valid_rows))
@@ -83,12 +82,11 @@ def generate(cfg: SyntheticConfig, schema: SchemaConfig, out_root: Path, progres
             meter = OracleMeter()
             for part, lo in enumerate(range(first, first + rows, cfg.chunk_rows)):
                 hi = min(lo + cfg.chunk_rows, first + rows)
-                table = _chunk(truth, schema, clock, cfg.seed, lo, hi, meter, seen)
+                table = _chunk(truth, schema, clock, cfg.seed, lo, hi, meter)
                 pq.write_table(table, folder / f"part-{part:05d}.parquet", compression="zstd")
                 bar.update(hi - lo)
             summary.update(meter.summary(split))
     write_stats(out_root, schema, "train")
-    summary.update({f"ids_seen/{name}": int(s.sum()) for name, s in zip(schema.sparse, seen)})
     summary["seconds"] = time.perf_counter() - started
     summary["rows_per_s"] = total / summary["seconds"]
     meta = {"config": dataclasses.asdict(cfg), "summary": summary}
@@ -104,9 +102,8 @@ def _chunk(
     lo: int,
     hi: int,
     meter: OracleMeter,
-    seen: list[np.ndarray],
 ) -> pa.Table:
-    """Rows ``lo..hi-1`` of the log as an Arrow table; feeds ``meter`` and marks ``seen`` IDs."""
+    """Rows ``lo..hi-1`` of the log as an Arrow table; feeds ``meter``."""
     # A chunk's stream depends only on the seed and its first row, not on the chunks before it.
     rng = np.random.default_rng([seed, 1, lo])
     seconds = clock.seconds(np.arange(lo, hi))
@@ -116,8 +113,7 @@ def _chunk(
     meter.update(prob, label)
     columns = {schema.label: label}
     columns.update({name: rows.dense[:, j] for j, name in enumerate(schema.dense)})
-    for name, f, idx, s in zip(schema.sparse, truth.fields, rows.index, seen):
-        s[idx] = True
+    for name, f, idx in zip(schema.sparse, truth.fields, rows.index):
         columns[name] = np.take(f.ids.raw_ids, idx)
     columns[schema.event_time] = seconds + clock.start_time
     columns[schema.true_prob] = prob
@@ -139,10 +135,10 @@ def _check(cfg: SyntheticConfig, schema: SchemaConfig) -> None:
          f"needs one entry per sparse column ({len(schema.sparse)}), has {len(cfg.cardinalities)}"),
         ("data.synthetic.dense_missing", len(cfg.dense_missing) != len(schema.dense),
          f"needs one entry per dense column ({len(schema.dense)}), has {len(cfg.dense_missing)}"),
-        ("data.schema.event_time", not schema.event_time, "the generator writes event times: name a column"),
-        ("data.schema.true_prob", not schema.true_prob, "the generator writes true probabilities: name a column"),
+        ("data.schema.event_time", not schema.event_time, "the generator writes it: name a column"),
+        ("data.schema.true_prob", not schema.true_prob, "the generator writes it: name a column"),
         ("data.synthetic.positive_rate", not 0.0 < cfg.positive_rate < 1.0, "must lie in (0, 1)"),
-        ("data.synthetic.diurnal_amplitude", not 0.0 <= cfg.diurnal_amplitude < 1.0, "must lie in [0, 1)"),
+        ("data.synthetic.diurnal_amplitude", not 0 <= cfg.diurnal_amplitude < 1, "must lie in [0, 1)"),
         ("data.synthetic.chunk_rows", cfg.chunk_rows < 1, "must be positive"),
         ("data.synthetic.num_days", cfg.num_days < 1, "must be positive"),
         ("data.synthetic.train_rows", cfg.train_rows < 1, "must be positive"),

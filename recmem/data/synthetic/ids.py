@@ -52,6 +52,9 @@ class FieldIds:
         inverse_lifetime: [R] float64 ``1 / lifetime_days`` (multiplying is cheaper per row).
         phase: [R] float64 in [0, 1), where in its cycle each slot's ID is at data time 0.
         offset: [R] int64 flat index of each slot's first ID.
+        offset_phase: [R] float64 ``offset + phase``: the index of slot r's ID at time t is
+            ``floor(t / L_r + offset_phase[r])`` (offset is an integer, so it can go inside the floor,
+            which saves a gather per row).
         slot: [M] int64 the slot of each ID.
         raw_ids: [M] int64 raw (non-negative, random-looking) value of each ID.
     """
@@ -61,6 +64,7 @@ class FieldIds:
     inverse_lifetime: np.ndarray
     phase: np.ndarray
     offset: np.ndarray
+    offset_phase: np.ndarray
     slot: np.ndarray
     raw_ids: np.ndarray
 
@@ -93,8 +97,8 @@ class FieldIds:
             [B] int64 flat ID indices in [0, M).
         """
         slot = np.minimum(_pareto_quantile(u, self.zipf_exponent, self.num_slots), self.num_slots) - 1
-        generation = t_days * np.take(self.inverse_lifetime, slot) + np.take(self.phase, slot)
-        return np.take(self.offset, slot) + generation.astype(np.int64)
+        index = t_days * np.take(self.inverse_lifetime, slot) + np.take(self.offset_phase, slot)
+        return index.astype(np.int64)
 
     def share(self, num_days: float) -> np.ndarray:
         """[M] float64 expected share of the field's rows each ID takes in a log of ``num_days`` days.
@@ -165,6 +169,7 @@ def build_field_ids(
         inverse_lifetime=1.0 / lifetime,
         phase=phase,
         offset=offset,
+        offset_phase=offset + phase,
         slot=np.repeat(np.arange(num_slots), generations),
         raw_ids=mix_ids(field, np.arange(total, dtype=np.int64), key),
     )
