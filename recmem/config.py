@@ -148,7 +148,7 @@ class TableConfig:
 class ModelConfig:
     """The dense architecture and the tables it sits on."""
 
-    arch: Literal["dlrm", "dcnv2", "deepfm"] = "dlrm"
+    arch: Literal["dlrm", "dcnv2"] = "dlrm"
     bottom_mlp: list[int] = field(default_factory=lambda: [512, 256, 16])
     top_mlp: list[int] = field(default_factory=lambda: [512, 256, 1])
     cross_layers: int = 3
