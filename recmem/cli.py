@@ -121,7 +121,10 @@ def _print_result(metrics: dict[str, float], samples_per_second: float, run: str
     print(f"valid AUC     {metrics.get('valid/auc', float('nan')):.4f}   logloss {metrics.get('valid/logloss', float('nan')):.4f}")
     if "valid/oracle_auc" in metrics:
         print(f"oracle AUC    {metrics['valid/oracle_auc']:.4f}   gap {metrics['valid/auc_gap']:.4f}")
-    print(f"train speed   {samples_per_second:,.0f} samples/s")
+    if samples_per_second > 0:
+        print(f"train speed   {samples_per_second:,.0f} samples/s")
+    else:
+        print("nothing left to train: resumed from a finished run's checkpoint (train.resume=false starts afresh)")
 
 
 if __name__ == "__main__":
