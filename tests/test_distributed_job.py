@@ -34,7 +34,10 @@ def _free_port() -> int:
 def head(tmp_path_factory):
     """A local Ray head node: (job server address, environment for the ray CLI)."""
     # Ray's head enables token authentication; the CLI sends ~/.ray/auth_token in this mode.
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # The job's `python` entrypoint must be this environment's python, as for a user with the venv
+    # activated; `make test` runs .venv/bin/python without putting .venv/bin on the PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     ports = {name: _free_port() for name in PORT_OPTIONS}
     log = tmp_path_factory.mktemp("head") / "head.log"
     process = subprocess.Popen(
