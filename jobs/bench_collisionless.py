@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from recmem.tables.slotmap import SlotMap
+from recmem.tables.slotmap import ArrayRows, SlotMap
 
 INIT_BOUND = 1e-3
 
@@ -51,19 +51,6 @@ def to_ids(ranks: np.ndarray, id_table: np.ndarray, batch: int) -> np.ndarray:
     """Ranks [F * B] -> raw IDs [F * B]: feature f's rank r is id_table[f, r]."""
     feature = np.repeat(np.arange(id_table.shape[0]), batch)
     return id_table[feature, ranks]
-
-
-class FlatRows:
-    """Pre-sized flat row storage [R, D] + accumulators [R], as the fused kernel holds them."""
-
-    def __init__(self, dim: int) -> None:
-        self.weights, self.momentum = np.zeros((0, dim), np.float32), np.zeros(0, np.float32)
-
-    def __call__(self, allocations: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        if sum(allocations) != len(self.momentum):
-            self.weights = np.zeros((sum(allocations), self.weights.shape[1]), np.float32)
-            self.momentum = np.zeros(sum(allocations), np.float32)
-        return self.weights, self.momentum
 
 
 class DictMap:
@@ -150,7 +137,7 @@ def bench_recmem(a: argparse.Namespace, id_table: np.ndarray, live: int, capacit
     F = id_table.shape[0]
     tick = time.perf_counter()
     slots = SlotMap(F, capacity, capacity, 2, 1 << 20, "lru", a.seed, False)
-    rows = FlatRows(a.dim)
+    rows = ArrayRows(a.dim)
     for lo in range(0, live, 1 << 18):  # each ID twice in a row: admitted at its second sighting
         chunk = np.repeat(id_table[:, lo:min(lo + (1 << 18), live)], 2, axis=1)
         slots.assign(chunk.reshape(-1), np.arange(F + 1) * chunk.shape[1], 0, INIT_BOUND, rows)

@@ -10,24 +10,11 @@ from hypothesis import strategies as st
 from recmem.tables import idmap
 from recmem.tables.idhash import mix64, shard_of
 from recmem.tables.idmap import BUCKET_BASE, BUCKET_MASK, COUNT, EMPTY, KEY, LIVE, ROW_ALLOC, TIME
-from recmem.tables.slotmap import SlotMap
+from recmem.tables.slotmap import ArrayRows, SlotMap
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 # A small pool of IDs (extremes and MISSING_ID = -1 included) so that sequences repeat IDs often.
 POOL = [-(2**63), -1, 0, 1, 2, 3, 7, 8, 16, 2**31, 2**62, 2**63 - 1, -17, 12345, 99, 100]
-
-
-class Rows:
-    """Row storage for SlotMap tests: flat arrays sized to the allocations (values are irrelevant)."""
-
-    def __init__(self, dim: int = 2) -> None:
-        self.weights, self.momentum = np.zeros((0, dim), np.float32), np.zeros(0, np.float32)
-
-    def __call__(self, allocations: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        if sum(allocations) != len(self.momentum):
-            self.weights = np.zeros((sum(allocations), self.weights.shape[1]), np.float32)
-            self.momentum = np.zeros(sum(allocations), np.float32)
-        return self.weights, self.momentum
 
 
 def check_map(m: SlotMap) -> None:
@@ -88,7 +75,7 @@ batches = st.lists(
 def test_assign_matches_dict_model(steps, min_count, capacity, initial_rows) -> None:
     """Exact model with eviction "none": admission counts, capacity refusals, growth, one row per ID."""
     m = SlotMap(2, capacity, min(initial_rows, capacity), min_count, 1 << 16, "none", 0, False)
-    rows, live, seen = Rows(), [dict(), dict()], [dict(), dict()]
+    rows, live, seen = ArrayRows(2), [dict(), dict()], [dict(), dict()]
     for now, (a, b) in enumerate(steps):
         values = np.array(a + b, dtype=np.int64)
         out = m.assign(values, _bounds([len(a), len(b)]), now, 0.1, rows)
@@ -110,7 +97,7 @@ def test_assign_matches_dict_model(steps, min_count, capacity, initial_rows) -> 
 @given(batches, st.sampled_from(["lru", "lfu"]), st.integers(1, 5), st.lists(st.integers(0, 5), max_size=12))
 def test_eviction_keeps_rows_unique_and_within_capacity(steps, policy, capacity, clock) -> None:
     m = SlotMap(2, capacity, 1, 1, 1 << 16, policy, 0, True)
-    rows, now = Rows(), 0
+    rows, now = ArrayRows(2), 0
     for step, (a, b) in enumerate(steps):
         now += clock[step] if step < len(clock) else 1
         values = np.array(a + b, dtype=np.int64)
@@ -134,7 +121,7 @@ def test_eviction_keeps_rows_unique_and_within_capacity(steps, policy, capacity,
 def test_lru_and_lfu_pick_the_right_victim() -> None:
     for policy, victim in (("lru", 10), ("lfu", 11)):
         m = SlotMap(1, 3, 3, 1, 1 << 16, policy, 0, False)
-        rows = Rows()
+        rows = ArrayRows(2)
         # 10 is used 3 times at t=0; 11 once at t=1; 12 twice at t=2.
         for now, ids in enumerate(([10, 10, 10], [11], [12, 12])):
             m.assign(np.array(ids, dtype=np.int64), _bounds([len(ids)]), now, 0.1, rows)
@@ -146,7 +133,7 @@ def test_lru_and_lfu_pick_the_right_victim() -> None:
 @given(st.integers(0, 10**6), st.integers(0, 10**9), st.integers(-3, 3))
 def test_ttl_boundary_is_exact(ttl: int, last: int, delta: int) -> None:
     m = SlotMap(1, 4, 4, 1, 1 << 16, "none", 0, False)
-    m.assign(np.array([5], dtype=np.int64), _bounds([1]), last, 0.1, Rows())
+    m.assign(np.array([5], dtype=np.int64), _bounds([1]), last, 0.1, ArrayRows(2))
     now = last + ttl + delta
     freed = m.expire(now, ttl)
     assert freed == (1 if delta > 0 else 0)  # idle == ttl stays, ttl + 1 goes
@@ -156,14 +143,14 @@ def test_ttl_boundary_is_exact(ttl: int, last: int, delta: int) -> None:
 def test_touch_keeps_the_latest_data_time() -> None:
     m = SlotMap(1, 4, 4, 1, 1 << 16, "none", 0, False)
     for now in (50, 20):  # a replayed older batch does not make the row look staler
-        m.assign(np.array([5], dtype=np.int64), _bounds([1]), now, 0.1, Rows())
+        m.assign(np.array([5], dtype=np.int64), _bounds([1]), now, 0.1, ArrayRows(2))
     assert m.rows[m.live(0)[1][0], TIME] == 50
     assert m.rows[m.live(0)[1][0], COUNT] == 2
 
 
 def test_growth_fits_the_batch_at_once_and_keeps_ids() -> None:
     m = SlotMap(2, 100, 4, 1, 1 << 16, "none", 0, False)
-    rows = Rows()
+    rows = ArrayRows(2)
     ids = np.arange(-30, 30, dtype=np.int64)
     first = m.assign(np.concatenate([ids, ids[:5], ids[:5]]), _bounds([60, 10]), 0, 0.1, rows)
     # One growth sized to the distinct new IDs of each feature: 60 and 5 (at least doubling, 4 -> 8).
@@ -182,15 +169,15 @@ def test_state_round_trip_is_exact() -> None:
     rng = np.random.default_rng(0)
     for now in range(20):
         v = rng.integers(-40, 40, size=30)
-        m.assign(v, _bounds([17, 13]), now, 0.1, Rows())
+        m.assign(v, _bounds([17, 13]), now, 0.1, ArrayRows(2))
     m.expire(19, 5)
     copy = SlotMap(2, 50, 2, 2, 1 << 10, "lru", 3, True)
     copy.load_state(m.state())
     for name in ("layout", "counters", "rows", "free", "buckets", "sketch", "sketch_adds"):
         np.testing.assert_array_equal(getattr(copy, name), getattr(m, name), err_msg=name)
     v = rng.integers(-60, 60, size=30)
-    np.testing.assert_array_equal(m.assign(v, _bounds([17, 13]), 20, 0.1, Rows()),
-                                  copy.assign(v, _bounds([17, 13]), 20, 0.1, Rows()))
+    np.testing.assert_array_equal(m.assign(v, _bounds([17, 13]), 20, 0.1, ArrayRows(2)),
+                                  copy.assign(v, _bounds([17, 13]), 20, 0.1, ArrayRows(2)))
     for f in range(2):
         for a, b in zip(m.take_changes(f), copy.take_changes(f)):
             np.testing.assert_array_equal(a, b)

@@ -30,6 +30,24 @@ MAX_LOAD = 0.7
 EVICT_FRACTION = 0.01
 # Rows of flat storage views: (weights [R, D] float32, momentum [R] float32) for given allocations.
 RowViews = Callable[[list[int]], tuple[np.ndarray, np.ndarray]]
+
+
+class ArrayRows:
+    """``RowViews`` over plain NumPy arrays, re-made (zeroed) when the allocation changes.
+
+    For exercising a ``SlotMap`` without a fused kernel behind it: tests and the map benchmark.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.weights, self.momentum = np.zeros((0, dim), np.float32), np.zeros(0, np.float32)
+
+    def __call__(self, allocations: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        if sum(allocations) != len(self.momentum):
+            self.weights = np.zeros((sum(allocations), self.weights.shape[1]), np.float32)
+            self.momentum = np.zeros(sum(allocations), np.float32)
+        return self.weights, self.momentum
+
+
 _COUNTER_NAMES = {ADMITTED: "admitted", REJECTED: "rejected", REJECTED_FULL: "rejected_full",
                   EXPIRED: "expired", EVICTED: "evicted"}
 
