@@ -47,8 +47,8 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.data.batch_size // world_size
 
 
-def build_datasets(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The ``train`` and ``valid`` Ray Datasets of ``cfg.data.root`` (lazy: only footers are read).
+def build_datasets(cfg: Config, world_size: int, splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
+    """The Ray Datasets of ``cfg.data.root``'s ``splits`` (lazy: only footers are read).
 
     Training keeps whole global batches only (the loop drops a last partial batch anyway): with a
     number of blocks that divides by W the deal stays round-robin to the very end, where Ray's
@@ -64,7 +64,7 @@ def build_datasets(cfg: Config, world_size: int) -> dict[str, Any]:
     # Captured by the datasets: their executions (on the cluster) draw bars only when asked to.
     ray.data.DataContext.get_current().enable_progress_bars = cfg.train.progress
     out = {}
-    for split in SPLITS:
+    for split in splits:
         fs, paths = _part_files(cfg.data.root, split)
         dataset = ray.data.read_parquet(paths, filesystem=fs, columns=_columns(cfg, fs, paths[0]))
         if split == "train":
@@ -94,18 +94,19 @@ def _columns(cfg: Config, fs: pyarrow.fs.FileSystem, first: str) -> list[str]:
     return [schema.label, *schema.dense, *schema.sparse, *optional]
 
 
-def shard_source(cfg: Config, world_size: int):
+def shard_source(cfg: Config, world_size: int, splits: tuple[str, ...] = SPLITS):
     """This worker's :data:`~recmem.train.loop.BatchSource` over its Ray Train dataset shards.
 
-    Call inside a Ray Train worker. Training drops a last partial batch; validation keeps it (every
-    worker has the same rows, so the same batches).
+    Call inside a Ray Train worker whose trainer got :func:`build_datasets` of the same ``splits``.
+    Training drops a last partial batch; validation keeps it (every worker has the same rows, so the
+    same batches).
     """
     import ray.train
 
     from recmem.data.collate import collate
 
     rows = local_batch_size(cfg, world_size)
-    shards = {split: ray.train.get_dataset_shard(split) for split in SPLITS}
+    shards = {split: ray.train.get_dataset_shard(split) for split in splits}
 
     def source(split: str, epoch: int, start_batch: int) -> Iterator[Batch]:
         tables = shards[split].iter_batches(
