@@ -157,7 +157,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop."""
+    """The training loop. ``device``: where the dense layers run; ``cuda`` gives each process (each
+    Ray worker) one GPU and NCCL for their all-reduce, while the tables stay in host memory."""
 
     epochs: int = 1
     max_steps: int = 0
@@ -170,7 +171,7 @@ class TrainConfig:
     checkpoint_dir: str = "runs/checkpoints"
     resume: bool = True
     evict_every: int = 0
-    device: str = "cpu"
+    device: Literal["cpu", "cuda"] = "cpu"
     progress: bool = True
 
 

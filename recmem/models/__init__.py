@@ -16,36 +16,44 @@ from recmem.tables import TableCollection, build_tables
 class CTRModel(torch.nn.Module):
     """Tables + a dense architecture: Batch -> click logits.
 
-    Tables run in fp32 and update themselves in backward; the dense part may run under bf16 autocast
-    (fp32 master weights), which halves its cost on CPUs with AVX512-BF16.
+    Tables live in host memory, run in fp32 and update themselves in backward (fbgemm's CPU kernels;
+    the collisionless and SSD kinds keep their ID maps on the host too). The dense part runs on
+    ``device``: the CPU, or a GPU that receives the pooled rows and sends their gradients back, and
+    may run under bf16 autocast (fp32 master weights), which halves its cost on CPUs with AVX512-BF16
+    and on GPUs.
 
     Args:
         tables: pooled embeddings of every sparse feature, [B, F, D].
-        dense: (dense [B, n_dense], pooled [B, F, D]) -> logits [B].
-        bf16: run the dense part under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+        dense: (dense [B, n_dense], pooled [B, F, D]) -> logits [B]; moved to ``device``.
+        bf16: run the dense part under ``torch.autocast(device.type, dtype=torch.bfloat16)``.
+        device: where the dense part runs.
     """
 
-    def __init__(self, tables: TableCollection, dense: torch.nn.Module, bf16: bool = False) -> None:
+    def __init__(self, tables: TableCollection, dense: torch.nn.Module, bf16: bool = False,
+                 device: torch.device | str = "cpu") -> None:
         super().__init__()
+        self.device = torch.device(device)
         self.tables = tables
-        self.dense = dense
+        self.dense = dense.to(self.device)
         self.bf16 = bf16
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Batch of B rows -> logits [B] (float32)."""
-        pooled = self.tables(batch.sparse_features)  # [B, F, D]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.dense(batch.dense_features, pooled)
-        return logits.float()
+        """Batch of B rows -> logits [B] (float32, on the CPU whatever ``device`` is)."""
+        pooled = self.tables(batch.sparse_features).to(self.device, non_blocking=True)  # [B, F, D]
+        dense = batch.dense_features.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.dense(dense, pooled)
+        return logits.float().cpu()
 
 
 def build_model(
-    cfg: ModelConfig, schema: SchemaConfig, data_root: Path, seed: int = 0, bf16: bool = False
+    cfg: ModelConfig, schema: SchemaConfig, data_root: Path, seed: int = 0, bf16: bool = False,
+    device: torch.device | str = "cpu",
 ) -> CTRModel:
     """Build tables and the dense arch named by ``cfg.arch`` for ``schema``'s features."""
     torch.manual_seed(seed)
     tables = build_tables(cfg.tables, schema.sparse, data_root, seed)
-    return CTRModel(tables, build_dense(cfg, schema), bf16)
+    return CTRModel(tables, build_dense(cfg, schema), bf16, device)
 
 
 def build_dense(cfg: ModelConfig, schema: SchemaConfig) -> torch.nn.Module:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,25 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(data, list) and any(isinstance(v, (dict, list)) for v in data):
         return flatten({str(i): v for i, v in enumerate(data)}, prefix)
     return {prefix[:-1]: str(data)[:500]}
+
+
+@contextmanager
+def runs_marked_failed() -> Iterator[None]:
+    """On an exception, end the MLflow run the block started and left active as FAILED, then re-raise.
+
+    Without it a crashed job's run stays RUNNING in the MLflow UI. A run active before the block (a
+    notebook's, a parent pipeline's) is left alone.
+    """
+    import mlflow
+
+    before = mlflow.active_run()
+    try:
+        yield
+    except BaseException:
+        run = mlflow.active_run()
+        if run is not None and (before is None or run.info.run_id != before.info.run_id):
+            mlflow.end_run("FAILED")
+        raise
 
 
 class RunLogger:

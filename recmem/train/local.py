@@ -6,9 +6,9 @@ from pathlib import Path
 
 from recmem.config import Config
 from recmem.data.dataset import iter_batches
-from recmem.models import build_model
+from recmem.tracking.logger import runs_marked_failed
 from recmem.train.checkpoint import load_latest
-from recmem.train.loop import BatchSource, TrainResult, evaluate, train
+from recmem.train.loop import BatchSource, TrainResult, build_job_model, evaluate, train
 
 
 def local_source(cfg: Config) -> BatchSource:
@@ -25,8 +25,9 @@ def local_source(cfg: Config) -> BatchSource:
 
 
 def train_local(cfg: Config) -> TrainResult:
-    """Train ``cfg`` in this process."""
-    return train(cfg, local_source(cfg))
+    """Train ``cfg`` in this process (a crash marks its MLflow run FAILED)."""
+    with runs_marked_failed():
+        return train(cfg, local_source(cfg))
 
 
 def evaluate_local(cfg: Config, split: str = "valid") -> dict[str, float]:
@@ -39,6 +40,6 @@ def evaluate_local(cfg: Config, split: str = "valid") -> dict[str, float]:
     state = load_latest(ckpt_dir)
     if state is None:
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to evaluate (run `recmem train` first)")
-    model = build_model(cfg.model, cfg.data.schema, Path(cfg.data.root), cfg.seed, cfg.train.precision == "bf16")
+    model = build_job_model(cfg)
     model.load_state_dict(state["model"])
     return evaluate(model, local_source(cfg)(split, 0, 0), split)

@@ -15,6 +15,7 @@ from recmem.data.batch import Batch
 from recmem.models import CTRModel, build_model
 from recmem.tables.base import Evictable
 from recmem.train.checkpoint import CheckpointStore, LocalCheckpoints
+from recmem.train.device import dense_device
 from recmem.train.metrics import MetricAccumulator
 from recmem.tracking.logger import RunLogger
 from recmem.tracking.plots import plt, training_curve
@@ -42,6 +43,13 @@ def make_dense_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch
     if cfg.train.dense_optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, foreach=True)
     return torch.optim.Adagrad(params, lr=lr, fused=True)
+
+
+def build_job_model(cfg: Config) -> CTRModel:
+    """``cfg``'s single-process model: tables in host memory, dense layers on ``train.device``."""
+    t = cfg.train
+    return build_model(cfg.model, cfg.data.schema, Path(cfg.data.root), cfg.seed, t.precision == "bf16",
+                       dense_device(t))
 
 
 def evaluate(model: CTRModel, batches: Iterator[Batch], split: str = "valid") -> dict[str, float]:
@@ -92,7 +100,7 @@ def train(
         params: extra MLflow params, e.g. the sharding plan.
     """
     t = cfg.train
-    model = model or build_model(cfg.model, cfg.data.schema, Path(cfg.data.root), cfg.seed, t.precision == "bf16")
+    model = model or build_job_model(cfg)
     optimizer = make_dense_optimizer(cfg, list(model.dense.parameters()))
     evictable = [m for m in model.tables.tables if isinstance(m, Evictable)]
     store = store or LocalCheckpoints(Path(cfg.workdir) / t.checkpoint_dir, resume=t.resume)
