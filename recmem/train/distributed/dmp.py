@@ -84,6 +84,7 @@ class DmpTables(torch.nn.Module):
         self.feature_names = list(feature_names)
         self.embedding_dim = embedding_dim
         self.router = router
+        self.group = group
         ebc = EmbeddingBagCollection(
             [EmbeddingBagConfig(name=f, embedding_dim=embedding_dim, num_embeddings=n, feature_names=[f])
              for f, n in zip(feature_names, rows)], device=torch.device("meta"))
