@@ -200,7 +200,9 @@ class RayConfig:
     ``max_failures`` times. ``sharding`` (see ``recmem/train/distributed/plan.py``): ``auto`` lets
     TorchRec's planner shard ``full``/``hash`` tables table- or row-wise and ID-shards other kinds;
     ``table_wise`` / ``row_wise`` / ``column_wise`` force that TorchRec layout; ``id`` deals every
-    table's rows to workers by key with an all-to-all exchange (every kind).
+    table's rows to workers by key with an all-to-all exchange (every kind). ``measure_traffic``
+    counts the bytes each worker sends per step (``recmem/train/distributed/traffic.py``) and logs
+    them as ``traffic/*`` metrics at each validation; off, no collective is wrapped.
     """
 
     enabled: bool = True
@@ -213,6 +215,7 @@ class RayConfig:
     run_name: str = "recmem"
     max_failures: int = 2
     sharding: Literal["auto", "id", "table_wise", "row_wise", "column_wise"] = "auto"
+    measure_traffic: bool = False
 
 
 @dataclass

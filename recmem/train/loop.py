@@ -83,6 +83,7 @@ def train(
     store: CheckpointStore | None = None,
     run_id: str | None = None,
     params: dict[str, str] | None = None,
+    extra_metrics: Callable[[], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``cfg``'s model on ``source`` with periodic validation, checkpoints and resume.
 
@@ -98,6 +99,7 @@ def train(
         store: where checkpoints go; default: files in ``cfg.workdir / train.checkpoint_dir``.
         run_id: the MLflow run to log into when no checkpoint names one (Ray's driver opens it).
         params: extra MLflow params, e.g. the sharding plan.
+        extra_metrics: more metrics to log at each validation (e.g. a traffic meter's ``stats``).
     """
     t = cfg.train
     model = model or build_job_model(cfg)
@@ -125,6 +127,7 @@ def train(
         metrics = evaluate(model, source("valid", 0, 0))
         metrics["tables/memory_bytes"] = float(model.tables.memory_bytes())
         metrics.update({f"tables/{k}": v for k, v in model.tables.stats().items()})
+        metrics.update(extra_metrics() if extra_metrics else {})
         log.log_metrics(metrics, step)
         history.append({"step": step, **metrics})
         reported.update(metrics)

@@ -6,6 +6,7 @@ pulls in torch or torchrec is imported inside it, on the worker.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 
@@ -22,6 +23,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     from recmem.train.distributed.data import shard_source
     from recmem.train.distributed.plan import build_worker_model, sharding_plan
     from recmem.train.distributed.store import RayCheckpoints
+    from recmem.train.distributed.traffic import TrafficMeter
     from recmem.train.loop import train
 
     cfg = payload["config"]
@@ -30,5 +32,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.ray.torch_threads or max(1, round(cfg.ray.cpus_per_worker)))
     model = build_worker_model(cfg, world_size)
     plan = sharding_plan(model.tables, world_size)
-    train(cfg, shard_source(cfg, world_size), rank=rank, model=model,
-          store=RayCheckpoints(rank, world_size, plan), run_id=payload["run_id"], params=plan)
+    with contextlib.ExitStack() as scope:
+        meter = scope.enter_context(TrafficMeter(model)) if cfg.ray.measure_traffic else None
+        train(cfg, shard_source(cfg, world_size), rank=rank, model=model,
+              store=RayCheckpoints(rank, world_size, plan), run_id=payload["run_id"], params=plan,
+              extra_metrics=meter.stats if meter else None)
