@@ -6,10 +6,12 @@
 Trains the quickstart model (DLRM over ``full`` tables on recmem's synthetic Criteo-shaped data) on
 one local Ray with the same global batch: once on 1 worker, then per worker count > 1 and per
 ``ray.sharding`` value. Prints a Markdown report: the loop's samples/s (forward, exchanges, backward,
-optimizer; not time spent waiting for Ray Data), wall time of the whole job, the all-to-all bytes
-each worker sent per step (measured by ID-sharded tables), the DDP all-reduce bytes (computed from
-the dense parameter count), and a projection of throughput for 8 and 64 workers on a 25 Gb/s
-network from the first ID-sharded run (model in ``project``).
+optimizer; not time spent waiting for Ray Data), wall time of the whole job, the bytes each worker
+sent per step (``ray.measure_traffic``, see ``recmem/train/distributed/traffic.py``): table
+exchanges as sent to other ranks, the DDP all-reduce as its measured payload and as what a ring
+sends (2 (W - 1) / W x payload, beside the same computed from the dense parameter count), and a
+projection of throughput for 8 and 64 workers on a 25 Gb/s network from the first ID-sharded run
+(model in ``project``).
 """
 
 from __future__ import annotations
@@ -39,22 +41,28 @@ def run(cfg: Config) -> dict[str, float]:
     return {**result.metrics, "wall_s": time.perf_counter() - start}
 
 
+def ring_sent(payload: float, workers: int) -> float:
+    """Bytes one worker sends in a ring all-reduce of ``payload`` bytes."""
+    return 2 * (workers - 1) / workers * payload
+
+
 def allreduce_bytes(cfg: Config, workers: int) -> float:
-    """Bytes one worker sends in a ring all-reduce of the dense gradients (fp32)."""
+    """Ring-sent bytes of the dense gradients (fp32), computed from the parameter count."""
     params = sum(p.numel() for p in build_dense(cfg.model, cfg.data.schema).parameters())
-    return 2 * (workers - 1) / workers * 4 * params
+    return ring_sent(4 * params, workers)
 
 
-def project(step_s: float, local_batch: int, alltoall_all: float, cfg: Config, blocks: int,
+def project(step_s: float, local_batch: int, alltoall_all: float, payload: float, blocks: int,
             workers: int) -> dict[str, float]:
     """Samples/s of ``workers`` workers, each with ``local_batch`` rows and ``step_s`` of compute.
 
     ``alltoall_all`` is what one worker's exchanges would weigh if none of its keys were its own; a
-    share ``(W - 1) / W`` crosses the network. Compute and communication do not overlap (they do not
-    in this implementation), bandwidth is the full 25 Gb/s per worker, latency ``LATENCY_S``.
+    share ``(W - 1) / W`` crosses the network. ``payload`` is the all-reduce's, sent by a ring.
+    Compute and communication do not overlap (they do not in this implementation), bandwidth is the
+    full 25 Gb/s per worker, latency ``LATENCY_S``.
     """
     remote = (workers - 1) / workers
-    net_bytes = alltoall_all * remote + allreduce_bytes(cfg, workers)
+    net_bytes = alltoall_all * remote + ring_sent(payload, workers)
     messages = blocks * EXCHANGES_PER_STEP * (workers - 1) + 2 * (workers - 1)
     net_s = net_bytes / LINK_BYTES_PER_S + messages * LATENCY_S
     return {"bytes": net_bytes, "net_ms": net_s * 1e3,
@@ -84,7 +92,8 @@ def main() -> None:
             cfg = load_config(args.config, data + [
                 f"workdir={workdir / f'w{w}-{sharding}'}", f"ray.num_workers={w}",
                 f"ray.cpus_per_worker={args.train_cpus / w}", "ray.torch_threads=1",
-                f"ray.sharding={'auto' if sharding == 'none' else sharding}", "train.eval_every=0",
+                f"ray.sharding={'auto' if sharding == 'none' else sharding}", "ray.measure_traffic=true",
+                "train.eval_every=0",
                 "train.checkpoint_every=0", "train.progress=false", "tracking.enabled=false", "train.resume=false"])
             results[w, sharding] = run(cfg)
     ray.shutdown()
@@ -95,19 +104,26 @@ def print_report(cfg: Config, results: dict[tuple[int, str], dict[str, float]]) 
     """The Markdown tables BENCHMARKS.md quotes."""
     print(f"global batch {cfg.data.batch_size}, {len(cfg.data.schema.sparse)} sparse features, "
           f"dim {cfg.model.tables[0].embedding_dim}\n")
-    print("| workers | sharding | loop samples/s | job wall s | valid AUC | all-to-all B/step/worker "
-          "| all-reduce B/step/worker |")
-    print("|---|---|---|---|---|---|---|")
+    print("bytes per step per worker, measured: tables = sent to other ranks by the table exchanges "
+          "(all-to-all, reduce-scatter, all-gather); all-reduce payload = DDP's gradient buckets; "
+          "ring-sent = 2 (W - 1) / W x payload, from the measured payload and computed from the "
+          "dense parameter count\n")
+    print("| workers | sharding | loop samples/s | job wall s | valid AUC | tables sent | of which all-to-all "
+          "| all-reduce payload | all-reduce ring-sent (measured) | all-reduce ring-sent (computed) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (w, sharding), m in results.items():
-        a2a = sum(v for k, v in m.items() if k.endswith("alltoall_bytes_per_step"))
+        sent = [m.get(f"traffic/{k}", 0.0) for k in ("tables_sent_bytes_per_step", "all_to_all_sent_bytes_per_step",
+                                                       "allreduce_payload_bytes_per_step")]
         print(f"| {w} | {sharding} | {m['train/samples_per_second']:,.0f} | {m['wall_s']:.0f} | {m['valid/auc']:.4f} "
-              f"| {f'{a2a:,.0f}' if a2a else '-'} | {allreduce_bytes(cfg, w) if w > 1 else 0:,.0f} |")
+              + "".join(f"| {b:,.0f} " for b in sent)
+              + f"| {ring_sent(sent[2], w):,.0f} | {allreduce_bytes(cfg, w):,.0f} |")
     sharded = [key for key in results if key[1] == "id"]
     if not sharded or (1, "none") not in results:
         return
     w = sharded[0][0]
     measured = results[sharded[0]]
-    a2a = sum(v for k, v in measured.items() if k.endswith("alltoall_bytes_per_step"))
+    a2a = measured.get("traffic/tables_sent_bytes_per_step", 0.0)
+    payload = measured.get("traffic/allreduce_payload_bytes_per_step", 0.0)
     local_batch = cfg.data.batch_size // w
     step_s = local_batch / results[1, "none"]["train/samples_per_second"]  # one worker's compute for b rows
     print(f"\nprojection: {local_batch} rows per worker per step, {step_s * 1e3:.0f} ms compute each "
@@ -115,7 +131,7 @@ def print_report(cfg: Config, results: dict[tuple[int, str], dict[str, float]]) 
     print("| workers | network B/step/worker | network ms/step | samples/s |")
     print("|---|---|---|---|")
     for n in (w, 8, 64):
-        est = project(step_s, local_batch, a2a * w / (w - 1), cfg, len(cfg.model.tables), n)
+        est = project(step_s, local_batch, a2a * w / (w - 1), payload, len(cfg.model.tables), n)
         print(f"| {n} | {est['bytes']:,.0f} | {est['net_ms']:.2f} | {est['samples_per_s']:,.0f} |")
 
 
