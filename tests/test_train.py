@@ -31,7 +31,9 @@ def test_tiny_run_learns_and_is_tracked(tiny_root, tmp_path):
     assert len(history) >= 3
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.yaml", "training_curve.png"} <= artifacts
-    assert evaluate_local(cfg)["valid/auc"] == pytest.approx(m["valid/auc"], abs=1e-6)
+    scored = evaluate_local(cfg)
+    assert scored["valid/auc"] == pytest.approx(m["valid/auc"], abs=1e-6)
+    assert scored["step"] == result.step
 
 
 def test_resume_continues_same_position_and_run(tiny_root, tmp_path):

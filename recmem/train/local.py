@@ -31,7 +31,7 @@ def train_local(cfg: Config) -> TrainResult:
 
 
 def evaluate_local(cfg: Config, split: str = "valid") -> dict[str, float]:
-    """Metrics of the latest checkpoint in ``cfg.train.checkpoint_dir`` on ``split``.
+    """Metrics of the latest checkpoint in ``cfg.train.checkpoint_dir`` on ``split``, and its ``step``.
 
     Raises:
         FileNotFoundError: no checkpoint to evaluate.
@@ -42,4 +42,4 @@ def evaluate_local(cfg: Config, split: str = "valid") -> dict[str, float]:
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint to evaluate (run `recmem train` first)")
     model = build_job_model(cfg)
     model.load_state_dict(state["model"])
-    return evaluate(model, local_source(cfg)(split, 0, 0), split)
+    return {**evaluate(model, local_source(cfg)(split, 0, 0), split), "step": float(state["step"])}
