@@ -18,7 +18,8 @@ COMMANDS = {
     "prepare": "convert a raw click log (data.raw.path: Criteo TSV or CSV) to Parquet + statistics in data.root",
     "train": "train the configured model on data.root (on Ray unless ray.enabled=false), validating, "
              "checkpointing and logging to MLflow",
-    "evaluate": "score the latest checkpoint on the validation split",
+    "evaluate": "score the latest checkpoint on the validation split (on Ray, with as many workers as "
+                "wrote it, unless ray.enabled=false) and print its metrics and step",
     "quickstart": "generate the synthetic data if missing, train, and print the run and its AUC vs the oracle",
 }
 
@@ -36,7 +37,8 @@ browse them with `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
 
 Ray: `recmem train` runs on an embedded local Ray; ray.address=... (or RAY_ADDRESS) targets a
 cluster, ray.num_workers=2 ray.cpus_per_worker=0.5 splits the job, ray.enabled=false runs the plain
-single-process loop. On a cluster: ray job submit --working-dir . -- python jobs/train.py --config ..."""
+single-process loop. On a cluster: ray job submit --working-dir . -- python jobs/train.py --config ...
+`recmem evaluate` with the same config scores the latest checkpoint of the Ray run ray.run_name."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,9 +100,15 @@ def _train(cfg: Config) -> int:
 
 
 def _evaluate(cfg: Config) -> int:
-    from recmem.train.local import evaluate_local
+    if cfg.ray.enabled:
+        from recmem.train.distributed import evaluate_ray
 
-    print(json.dumps(evaluate_local(cfg), indent=2))
+        metrics = evaluate_ray(cfg)
+    else:
+        from recmem.train.local import evaluate_local
+
+        metrics = evaluate_local(cfg)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Ray training end to end on a local Ray: 2 sharded workers train like 1; a killed worker resumes.
+"""Ray training end to end on a local Ray: 2 sharded workers train like 1; a killed worker resumes;
+``evaluate_ray`` scores the 2 workers' last checkpoint as the run's own last validation did.
 
 The reference is the single-process loop on the same data and config: Ray's data split gives W
 workers exactly the global batches one worker trains on (see ``recmem/train/distributed/data.py``).
@@ -19,7 +20,7 @@ import mlflow
 import pytest
 import ray
 
-from recmem.train.distributed import train_ray
+from recmem.train.distributed import evaluate_ray, train_ray
 from recmem.train.local import train_local
 from tests.conftest import small_schema, tiny_config, write_learnable_root
 
@@ -45,11 +46,16 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def two_workers(root, local_ray, tmp_path_factory):
+    """(config, result) of a 2-worker run; TorchRec's planner shards the tables (ray.sharding=auto)."""
+    cfg = tiny_config(root, tmp_path_factory.mktemp("two_workers"), *COMMON)
+    return cfg, train_ray(cfg)
+
+
 @pytest.mark.slow
-def test_two_sharded_workers_train_like_one(root, reference, local_ray, tmp_path):
-    """TorchRec's planner shards the tables (ray.sharding=auto)."""
-    cfg = tiny_config(root, tmp_path, *COMMON)
-    result = train_ray(cfg)
+def test_two_sharded_workers_train_like_one(two_workers, reference):
+    cfg, result = two_workers
     print(f"parity: 1 process AUC {reference.metrics['valid/auc']:.6f}, 2 workers {result.metrics['valid/auc']:.6f}")
     assert result.step == reference.step == 16
     assert abs(result.metrics["valid/auc"] - reference.metrics["valid/auc"]) <= 0.002, (result.metrics, reference.metrics)
@@ -59,6 +65,20 @@ def test_two_sharded_workers_train_like_one(root, reference, local_ray, tmp_path
     assert run.info.status == "FINISHED"
     assert {run.data.params[f"sharding.{f}"] for f in cfg.data.schema.sparse} <= {"table_wise", "row_wise"}
     assert run.data.params["sharding"].startswith("2 workers")
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_last_checkpoint_on_the_workers_that_wrote_it(two_workers):
+    """The run's last validation came right before its last checkpoint: evaluating it gives the same."""
+    cfg, result = two_workers
+    one = tiny_config(cfg.data.root, cfg.workdir, *COMMON, "ray.num_workers=1")
+    with pytest.warns(UserWarning, match="written by 2 workers: evaluating on 2, not ray.num_workers=1"):
+        metrics = evaluate_ray(one)
+    print(f"evaluate: AUC {metrics['valid/auc']:.9f}, training run's last {result.metrics['valid/auc']:.9f}")
+    assert metrics["step"] == result.step == 16
+    for name in ("valid/auc", "valid/logloss", "valid/calibration"):
+        assert metrics[name] == pytest.approx(result.metrics[name], abs=1e-6), name
+    assert metrics["valid/rows"] == result.metrics["valid/rows"]
 
 
 def _train_workers() -> list[int]:
@@ -122,3 +142,4 @@ def test_driver_imports_no_torchrec():
     code = ("import sys, recmem.cli, recmem.train.distributed, recmem.train.distributed.worker, ray.train.torch; "
             "sys.exit(any(m.startswith('torchrec') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_ADDRESS": ""}).returncode == 0
+

@@ -1,6 +1,7 @@
 """Ray-distributed training: the same loop (``recmem/train/loop.py``) on Ray Train workers.
 
-- ``launcher.py``: the driver (``train_ray``): Ray, MLflow run, ``TorchTrainer``; no torch import.
+- ``launcher.py``: the driver (``train_ray``, ``evaluate_ray``): Ray, MLflow run, ``TorchTrainer``; no
+  torch import.
 - ``data.py``: Ray Data ``read_parquet`` -> one-batch blocks -> a per-worker ``BatchSource``.
 - ``worker.py``: each worker's entry: its model part, then ``train()``.
 - ``plan.py``: how tables are split over workers (the sharding plan).
@@ -8,6 +9,6 @@
 - ``store.py``: per-rank checkpoint shards through Ray Train's checkpoint storage.
 """
 
-from recmem.train.distributed.launcher import RayTrainResult, train_ray
+from recmem.train.distributed.launcher import RayTrainResult, evaluate_ray, train_ray
 
-__all__ = ["RayTrainResult", "train_ray"]
+__all__ = ["RayTrainResult", "evaluate_ray", "train_ray"]

@@ -10,8 +10,11 @@ import dataclasses
 import json
 import os
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs
 
@@ -48,6 +51,7 @@ def train_ray(cfg: Config) -> RayTrainResult:
     import ray
 
     from recmem.train.distributed.data import build_datasets
+    from recmem.train.distributed.worker import train_worker
 
     cfg = resolve_paths(cfg)
     started = _init_ray(cfg)
@@ -55,8 +59,9 @@ def train_ray(cfg: Config) -> RayTrainResult:
     log = RunLogger(cfg, run_id=_previous_run(storage, name) if cfg.train.resume else None)
     _remember_run(storage, name, log.run_id)
     try:
-        trainer = _trainer(cfg, storage, name, log.run_id, build_datasets(cfg, cfg.ray.num_workers))
-        result = trainer.fit()
+        datasets = build_datasets(cfg, cfg.ray.num_workers)
+        payload = {"config": cfg, "run_id": log.run_id}
+        result = _trainer(cfg, storage, name, datasets, train_worker, payload).fit()
     except BaseException:
         log.close("FAILED")
         raise
@@ -70,6 +75,55 @@ def train_ray(cfg: Config) -> RayTrainResult:
         samples_per_second=metrics.get("train/samples_per_second", 0.0),
         run=log.run_url(), checkpoint=result.checkpoint.path if result.checkpoint else "",
     )
+
+
+def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
+    """Metrics of the latest complete checkpoint of the Ray run ``ray.run_name`` on ``split``, on Ray.
+
+    Sharded tables load only on as many workers as wrote them, under the same plan: this starts the
+    checkpoint's number of workers (warning when ``ray.num_workers`` differs) with ``ray.sharding``
+    as configured, as a Ray run of its own (``<run_name>-evaluate-<time>``, same storage) that leaves
+    the training run's state alone. Each worker loads its shard and scores its share of the split;
+    the metrics cover all of it. Ray is reached or started as by :func:`train_ray`.
+
+    Returns:
+        ``evaluate``'s metrics (``<split>/auc``, ``<split>/logloss``, ...) and ``step``, the
+        checkpoint's training step.
+
+    Raises:
+        FileNotFoundError: the run has no complete checkpoint under the storage path.
+        ValueError: the checkpoint's sharding plan is not this config's (another ``ray.sharding``).
+    """
+    import ray
+
+    from recmem.train.distributed.data import build_datasets
+    from recmem.train.distributed.store import latest_checkpoint
+    from recmem.train.distributed.worker import evaluate_worker
+
+    cfg = resolve_paths(cfg)
+    storage, name = _storage_path(cfg), cfg.ray.run_name
+    found = latest_checkpoint(storage, name)
+    if found is None:
+        raise FileNotFoundError(_no_checkpoint_message(storage, name))
+    fs, folder, meta = found
+    workers = meta["world_size"]
+    if workers != cfg.ray.num_workers:
+        warnings.warn(f"{folder} was written by {workers} workers: evaluating on {workers}, "
+                      f"not ray.num_workers={cfg.ray.num_workers}", stacklevel=2)
+    # No retries: a plan that does not match fails the same way every time.
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_workers=workers, max_failures=0))
+    started = _init_ray(cfg)
+    try:
+        datasets = build_datasets(cfg, workers, (split,))
+        payload = {"config": cfg, "checkpoint": (fs, folder), "split": split}
+        trainer = _trainer(cfg, storage, f"{name}-evaluate-{time.strftime('%Y%m%d-%H%M%S')}", datasets,
+                           evaluate_worker, payload)
+        result = _fit_raising_value_errors(trainer)
+    finally:
+        if started:
+            ray.shutdown()
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return {**metrics, "step": float(meta["step"])}
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -101,11 +155,39 @@ def _init_ray(cfg: Config) -> bool:
 
 def _storage(cfg: Config) -> tuple[str, str]:
     """(storage path or URI, run name): a fresh name unless resuming."""
-    storage = cfg.ray.storage_path or str(Path(cfg.workdir) / cfg.train.checkpoint_dir / "ray")
+    storage = _storage_path(cfg)
     if cfg.ray.num_workers < 1 or cfg.ray.cpus_per_worker <= 0:
         raise ConfigError("ray.num_workers and ray.cpus_per_worker must be positive")
     name = cfg.ray.run_name if cfg.train.resume else f"{cfg.ray.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return storage, name
+
+
+def _storage_path(cfg: Config) -> str:
+    """Where Ray keeps the runs' checkpoints: ``ray.storage_path`` or a folder in the workdir."""
+    return cfg.ray.storage_path or str(Path(cfg.workdir) / cfg.train.checkpoint_dir / "ray")
+
+
+def _no_checkpoint_message(storage: str, name: str) -> str:
+    from recmem.train.distributed.store import checkpointed_runs
+
+    runs = checkpointed_runs(storage)
+    others = f"; runs with checkpoints there: {', '.join(runs)} (choose with ray.run_name=...)" if runs else ""
+    return (f"no complete checkpoint of the Ray run '{name}' under {storage}: run `recmem train` with this "
+            f"config first (a run trained with train.resume=false is named '{name}-<time>'){others}")
+
+
+def _fit_raising_value_errors(trainer: Any) -> Any:
+    """``trainer.fit()``; a ValueError that every failed worker raised is raised as itself, not wrapped
+    in Ray's error, so that the CLI reports it as the config error it is (e.g. a plan mismatch)."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        failures = list(getattr(e, "worker_failures", {}).values())
+        if failures and all(isinstance(f, ValueError) for f in failures):
+            raise failures[0] from e
+        raise
 
 
 def _previous_run(storage: str, name: str) -> str | None:
@@ -127,18 +209,16 @@ def _remember_run(storage: str, name: str, run_id: str | None) -> None:
         f.write(json.dumps({"mlflow_run_id": run_id}).encode())
 
 
-def _trainer(cfg: Config, storage: str, name: str, run_id: str | None, datasets: dict):
+def _trainer(cfg: Config, storage: str, name: str, datasets: dict, loop: Callable, payload: dict[str, Any]):
     """The ``TorchTrainer``: gloo workers with fractional CPUs, ordered data splits, retries."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from recmem.train.distributed.worker import train_worker
-
     r = cfg.ray
     return TorchTrainer(
-        train_worker,
-        train_loop_config={"config": cfg, "run_id": run_id},
+        loop,
+        train_loop_config=payload,
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, resources_per_worker={"CPU": r.cpus_per_worker}),

@@ -1,13 +1,22 @@
-"""What each Ray Train worker runs: build this rank's part of the model, then the one training loop.
+"""What each Ray Train worker runs: build this rank's part of the model, then the one training loop
+(:func:`train_worker`) or, for ``recmem evaluate``, load its checkpoint shard and score
+(:func:`evaluate_worker`).
 
-Imported by the driver only by name (``TorchTrainer`` pickles :func:`train_worker`); everything that
-pulls in torch or torchrec is imported inside it, on the worker.
+Imported by the driver only by name (``TorchTrainer`` pickles the function); everything that pulls in
+torch or torchrec is imported inside it, on the worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from recmem.config import Config
+    from recmem.models import CTRModel
 
 
 def train_worker(payload: dict[str, Any]) -> None:
@@ -17,23 +26,60 @@ def train_worker(payload: dict[str, Any]) -> None:
         payload: ``{"config": Config, "run_id": str | None}`` from the driver; the config's paths are
             already absolute and ``run_id`` is the MLflow run the driver opened.
     """
-    import ray.train
-    import torch
-
     from recmem.train.distributed.data import shard_source
-    from recmem.train.distributed.plan import build_worker_model, sharding_plan
     from recmem.train.distributed.store import RayCheckpoints
     from recmem.train.distributed.traffic import TrafficMeter
     from recmem.train.loop import train
 
     cfg = payload["config"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(cfg.ray.torch_threads or max(1, round(cfg.ray.cpus_per_worker)))
-    model = build_worker_model(cfg, world_size)
-    plan = sharding_plan(model.tables, world_size)
+    rank, world_size, model, plan = _worker_model(cfg)
     with contextlib.ExitStack() as scope:
         meter = scope.enter_context(TrafficMeter(model)) if cfg.ray.measure_traffic else None
         train(cfg, shard_source(cfg, world_size), rank=rank, model=model,
               store=RayCheckpoints(rank, world_size, plan), run_id=payload["run_id"], params=plan,
               extra_metrics=meter.stats if meter else None)
+
+
+def evaluate_worker(payload: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker`` for ``recmem evaluate``: load this rank's shard, score.
+
+    Every rank reports the metrics of the whole split (``evaluate`` gathers them across ranks); the
+    driver reads rank 0's.
+
+    Args:
+        payload: ``{"config": Config, "checkpoint": (pyarrow FileSystem, folder), "split": str}`` from
+            the driver, which started as many workers as wrote the checkpoint.
+    """
+    import ray.train
+
+    from recmem.train.distributed.data import shard_source
+    from recmem.train.distributed.store import RayCheckpoints
+    from recmem.train.loop import evaluate
+
+    cfg, split = payload["config"], payload["split"]
+    rank, world_size, model, plan = _worker_model(cfg)
+    model.load_state_dict(RayCheckpoints(rank, world_size, plan).load_from(*payload["checkpoint"])["model"])
+    metrics = evaluate(model, shard_source(cfg, world_size, (split,))(split, 0, 0), split)
+    # Ray Train hands the driver only metrics reported with a checkpoint: rank 0 registers a record
+    # of this evaluation (its metrics and the checkpoint they score) as the evaluation run's one.
+    with tempfile.TemporaryDirectory(prefix="recmem-eval-") as folder:
+        record = None
+        if rank == 0:
+            scored = {"checkpoint": payload["checkpoint"][1], "metrics": metrics}
+            (Path(folder) / "evaluation.json").write_text(json.dumps(scored, indent=2))
+            record = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=record)
+
+
+def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
+    """(rank, world size, this rank's part of the model, the sharding plan); collective."""
+    import ray.train
+    import torch
+
+    from recmem.train.distributed.plan import build_worker_model, sharding_plan
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(cfg.ray.torch_threads or max(1, round(cfg.ray.cpus_per_worker)))
+    model = build_worker_model(cfg, world_size)
+    return rank, world_size, model, sharding_plan(model.tables, world_size)
