@@ -20,6 +20,7 @@ import mlflow
 import pytest
 import ray
 
+from recmem.config import ConfigError
 from recmem.train.distributed import evaluate_ray, train_ray
 from recmem.train.local import train_local
 from tests.conftest import small_schema, tiny_config, write_learnable_root
@@ -143,3 +144,12 @@ def test_driver_imports_no_torchrec():
             "sys.exit(any(m.startswith('torchrec') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_ADDRESS": ""}).returncode == 0
 
+
+def test_cuda_workers_on_a_cluster_without_gpus_are_refused(root, local_ray, tmp_path):
+    """Ray would otherwise wait forever for GPUs the cluster does not have."""
+    if ray.cluster_resources().get("GPU", 0) >= 2:
+        pytest.skip("this Ray cluster has GPUs")
+    cfg = tiny_config(root, tmp_path, *COMMON, "train.device=cuda")
+    with pytest.raises(ConfigError, match=r"train.device=cuda needs a GPU per worker \(ray.num_workers=2\)"):
+        train_ray(cfg)
+    assert ray.is_initialized(), "a Ray the caller started is left running"

@@ -45,7 +45,8 @@ def train_ray(cfg: Config) -> RayTrainResult:
     ``ray.run_name`` and storage, ``train.resume``) continues from it and into the same MLflow run.
 
     Raises:
-        ConfigError: a config the workers cannot split (e.g. a batch that does not divide).
+        ConfigError: a config the workers cannot split (e.g. a batch that does not divide), or
+            ``train.device: cuda`` on a cluster without a GPU per worker.
         ray.train.TrainingFailedError: the workers failed more than ``ray.max_failures`` times.
     """
     import ray
@@ -55,16 +56,18 @@ def train_ray(cfg: Config) -> RayTrainResult:
 
     cfg = resolve_paths(cfg)
     started = _init_ray(cfg)
-    storage, name = _storage(cfg)
-    log = RunLogger(cfg, run_id=_previous_run(storage, name) if cfg.train.resume else None)
-    _remember_run(storage, name, log.run_id)
     try:
-        datasets = build_datasets(cfg, cfg.ray.num_workers)
-        payload = {"config": cfg, "run_id": log.run_id}
-        result = _trainer(cfg, storage, name, datasets, train_worker, payload).fit()
-    except BaseException:
-        log.close("FAILED")
-        raise
+        _check_gpus(cfg)
+        storage, name = _storage(cfg)
+        log = RunLogger(cfg, run_id=_previous_run(storage, name) if cfg.train.resume else None)
+        _remember_run(storage, name, log.run_id)
+        try:
+            datasets = build_datasets(cfg, cfg.ray.num_workers)
+            payload = {"config": cfg, "run_id": log.run_id}
+            result = _trainer(cfg, storage, name, datasets, train_worker, payload).fit()
+        except BaseException:
+            log.close("FAILED")
+            raise
     finally:
         if started:
             ray.shutdown()
@@ -114,6 +117,7 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
     cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_workers=workers, max_failures=0))
     started = _init_ray(cfg)
     try:
+        _check_gpus(cfg)
         datasets = build_datasets(cfg, workers, (split,))
         payload = {"config": cfg, "checkpoint": (fs, folder), "split": split}
         trainer = _trainer(cfg, storage, f"{name}-evaluate-{time.strftime('%Y%m%d-%H%M%S')}", datasets,
@@ -151,6 +155,18 @@ def _init_ray(cfg: Config) -> bool:
         # "local": always a new instance, never a cluster another `ray start` left on this machine.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or None)
     return True
+
+
+def _check_gpus(cfg: Config) -> None:
+    """Refuse ``train.device: cuda`` on a Ray cluster without GPUs: its workers would wait forever."""
+    import ray
+
+    if cfg.train.device != "cuda":
+        return
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < cfg.ray.num_workers:
+        raise ConfigError(f"train.device=cuda needs a GPU per worker (ray.num_workers={cfg.ray.num_workers}), "
+                          f"but the Ray cluster has {gpus:g}; use train.device=cpu or a cluster with GPUs")
 
 
 def _storage(cfg: Config) -> tuple[str, str]:
@@ -210,18 +226,19 @@ def _remember_run(storage: str, name: str, run_id: str | None) -> None:
 
 
 def _trainer(cfg: Config, storage: str, name: str, datasets: dict, loop: Callable, payload: dict[str, Any]):
-    """The ``TorchTrainer``: gloo workers with fractional CPUs, ordered data splits, retries."""
+    """The ``TorchTrainer``: workers with fractional CPUs (and a GPU each under ``train.device: cuda``,
+    NCCL then carrying the dense all-reduce), ordered data splits, retries."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    r = cfg.ray
+    r, gpu = cfg.ray, cfg.train.device == "cuda"
     return TorchTrainer(
         loop,
         train_loop_config=payload,
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=r.num_workers, resources_per_worker={"CPU": r.cpus_per_worker}),
+            num_workers=r.num_workers, use_gpu=gpu, resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),

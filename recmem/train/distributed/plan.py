@@ -29,18 +29,23 @@ from recmem.tables.sharded import RowKeyedKind, kind_shard, sharded_table
 from recmem.train.distributed.dmp import DmpTables
 
 
-def build_worker_model(cfg: Config, world_size: int) -> CTRModel:
+def build_worker_model(cfg: Config, world_size: int, device: torch.device = torch.device("cpu")) -> CTRModel:
     """This worker's part of ``cfg``'s model; collective: every worker calls it together.
 
     Starts from the same values as the single-process :func:`~recmem.models.build_model`: table parts
     replay their table's initial rows, and DDP copies rank 0's dense layers to every rank.
+
+    Args:
+        cfg: the job.
+        world_size: the number of workers.
+        device: where this worker's dense layers run (its GPU, or the CPU); tables stay on the host.
     """
     m, schema = cfg.model, cfg.data.schema
     bf16 = cfg.train.precision == "bf16"
     if world_size == 1:
-        return build_model(m, schema, Path(cfg.data.root), cfg.seed, bf16)
+        return build_model(m, schema, Path(cfg.data.root), cfg.seed, bf16, device)
     # Table traffic gets its own gloo group: its collectives never interleave with DDP's all-reduce
-    # on the default group.
+    # on the default group, and it stays on host tensors when the default group is NCCL.
     group = dist.new_group(backend="gloo")
     rank = dist.get_rank(group)
 
@@ -55,9 +60,10 @@ def build_worker_model(cfg: Config, world_size: int) -> CTRModel:
     # The dense layers first: build_model's tables draw nothing from torch's global generator, but
     # DMP initialises its shards from it, which would shift the dense layers' initial values.
     torch.manual_seed(cfg.seed)
-    dense = build_dense(m, schema)
+    dense = build_dense(m, schema).to(device)
     tables = build_tables(m.tables, schema.sparse, Path(cfg.data.root), cfg.seed, make=make)
-    return CTRModel(tables, DistributedDataParallel(dense), bf16)
+    ddp = DistributedDataParallel(dense, device_ids=[device] if device.type == "cuda" else None)
+    return CTRModel(tables, ddp, bf16, device)
 
 
 def sharding_plan(tables: TableCollection, world_size: int) -> dict[str, str]:

@@ -74,12 +74,17 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
 def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
     """(rank, world size, this rank's part of the model, the sharding plan); collective."""
     import ray.train
+    import ray.train.torch
     import torch
 
+    from recmem.train.device import dense_device
     from recmem.train.distributed.plan import build_worker_model, sharding_plan
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.ray.torch_threads or max(1, round(cfg.ray.cpus_per_worker)))
-    model = build_worker_model(cfg, world_size)
+    device = dense_device(cfg.train, ray.train.torch.get_device() if cfg.train.device == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives on the default group run on the current GPU
+    model = build_worker_model(cfg, world_size, device)
     return rank, world_size, model, sharding_plan(model.tables, world_size)
