@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import TableConfig
 from recmem.tables.collisionless import CollisionlessTable, IdRouter
 from recmem.tables.sharded import sharded_table
+from tests.ranks import run_ranks
 
 WORLD, LOCAL, NAMES = 2, 8, ["C1", "C2"]
 BLOCK = TableConfig(kind="collisionless", embedding_dim=4, learning_rate=0.1,
@@ -39,10 +37,8 @@ def _loss(pooled: torch.Tensor, batch_size: int) -> torch.Tensor:
     return (pooled.tanh() * weights).sum() / batch_size
 
 
-def _rank(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _rank(rank: int) -> None:
+    """One rank: compares itself with the unsharded table at every step (a failed check fails the test)."""
     reference = CollisionlessTable.from_config(BLOCK, NAMES, 3, Path("."), "model.tables.0")
     parts = CollisionlessTable.shard_from_config(BLOCK, NAMES, 3, Path("."), "model.tables.0", rank, WORLD)
     sharded = sharded_table(NAMES, 4, parts, dist.group.WORLD)
@@ -62,14 +58,10 @@ def _rank(rank: int, port: int) -> None:
     freed = torch.tensor([sharded.evict(150)])  # data time 150: every row is idle > ttl = 100
     dist.all_reduce(freed)
     assert int(freed) == reference.evict(150) == int(live)
-    dist.destroy_process_group()
 
 
-def test_sharded_collisionless_equals_unsharded() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port,), nprocs=WORLD, join=True)
+def test_sharded_collisionless_equals_unsharded(tmp_path: Path) -> None:
+    run_ranks(_rank, tmp_path, world=WORLD)
 
 
 def test_router_owners_are_stable_and_spread() -> None:

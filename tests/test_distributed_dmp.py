@@ -5,18 +5,18 @@ row-wise (column-wise parts keep their own row-wise Adagrad state), and a state 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from recmem.config import TableConfig
 from recmem.tables import TABLE_KINDS, build_tables
 from recmem.train.distributed.dmp import AUTO_LAYOUTS, LAYOUTS, DmpTables
 from tests.conftest import small_schema, write_learnable_root
+from tests.ranks import run_ranks
 from tests.test_distributed_tables import BLOCKS, LOCAL_BATCH, WORLD, _batches, _loss
 
 SEED = 3
@@ -37,10 +37,7 @@ def _forward(blocks: list[DmpTables], features) -> torch.Tensor:
                       for b in blocks], dim=1)  # [b, F, D]
 
 
-def _rank(rank: int, root: Path, out: Path, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _rank(rank: int, root: Path) -> dict[str, Any]:
     local = _batches(root, LOCAL_BATCH)
     results = {}
     for layout in (*LAYOUTS, "auto"):
@@ -61,16 +58,14 @@ def _rank(rank: int, root: Path, out: Path, port: int) -> None:
             twice_restored = _forward(restored, local[rank].sparse_features)
         results[layout] = {"initial": initial, "after": after, "twice": twice, "twice_restored": twice_restored,
                            "layout": {f: l for b in blocks for f, l in b.layout.items()}}
-    torch.save(results, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     root = write_learnable_root(tmp_path_factory.mktemp("dmp"), small_schema(), rows=1000, valid=200)
     out = tmp_path_factory.mktemp("dmp_ranks")
-    mp.spawn(_rank, args=(root, out, 29700 + os.getpid() % 1000), nprocs=WORLD)
-    return root, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return root, run_ranks(_rank, out, root, world=WORLD)
 
 
 def _reference(root: Path) -> dict[str, torch.Tensor]:

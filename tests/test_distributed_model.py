@@ -3,19 +3,18 @@ model on the global batch: same logits after a few steps, for each way of shardi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from recmem.data.dataset import iter_batches
 from recmem.models import build_model
 from recmem.train.distributed.plan import build_worker_model, sharding_plan
 from recmem.train.loop import make_dense_optimizer
 from tests.conftest import small_schema, tiny_config, write_learnable_root
+from tests.ranks import run_ranks
 
 WORLD, LOCAL_BATCH, STEPS = 2, 128, 3
 
@@ -27,10 +26,7 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> No
     optimizer.step()
 
 
-def _rank(rank: int, root: Path, out: Path, sharding: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _rank(rank: int, root: Path, out: Path, sharding: str) -> dict[str, Any]:
     cfg = tiny_config(root, out, f"ray.sharding={sharding}")
     model = build_worker_model(cfg, WORLD)
     optimizer = make_dense_optimizer(cfg, list(model.dense.parameters()))
@@ -40,8 +36,7 @@ def _rank(rank: int, root: Path, out: Path, sharding: str, port: int) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(local[WORLD * STEPS + rank])
-    torch.save({"logits": logits, "plan": sharding_plan(model.tables, WORLD)}, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"logits": logits, "plan": sharding_plan(model.tables, WORLD)}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +46,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("sharding", ["id", "auto"])
 def test_two_workers_take_the_steps_of_one(root, tmp_path, sharding):
-    mp.spawn(_rank, args=(root, tmp_path, sharding, 29600 + os.getpid() % 1000), nprocs=WORLD)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = run_ranks(_rank, tmp_path, root, tmp_path, sharding, world=WORLD)
     cfg = tiny_config(root, tmp_path)
     model = build_model(cfg.model, cfg.data.schema, root, cfg.seed)
     optimizer = make_dense_optimizer(cfg, list(model.dense.parameters()))

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests.conftest import small_schema, write_learnable_root
+from tests.ranks import run_ranks
 from recmem.config import TableConfig
 from recmem.data.dataset import iter_batches
 from recmem.tables import build_tables
@@ -59,11 +59,8 @@ def _unsharded(root: Path) -> dict[str, torch.Tensor]:
     return {"before": before, "after": after, "tables": tables}
 
 
-def _rank(rank: int, root: Path, out: Path, port: int) -> None:
+def _rank(rank: int, root: Path) -> dict[str, Any]:
     """One rank: build sharded tables, load the unsharded rows after step 1, run step 2."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
     reference = build_tables(BLOCKS, small_schema().sparse, root, seed=3)
     sharded = build_sharded_tables(BLOCKS, small_schema().sparse, root, seed=3, group=dist.group.WORLD)
     initial = sharded(_batches(root, LOCAL_BATCH)[rank].sparse_features)
@@ -78,17 +75,14 @@ def _rank(rank: int, root: Path, out: Path, port: int) -> None:
     _loss(sharded(local.sparse_features), LOCAL_BATCH).backward()  # a mean over this rank's rows, as in training
     with torch.no_grad():
         after = sharded(local.sparse_features)
-    torch.save({"initial": initial, "before": before, "after": after,
-                "stats": [t.stats() for t in sharded.tables]}, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"initial": initial, "before": before, "after": after, "stats": [t.stats() for t in sharded.tables]}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     root = write_learnable_root(tmp_path_factory.mktemp("sharded"), small_schema(), rows=1000, valid=200)
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank, args=(root, out, 29500 + os.getpid() % 1000), nprocs=WORLD)
-    return root, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return root, run_ranks(_rank, out, root, world=WORLD)
 
 
 def test_sharded_forward_equals_unsharded_from_the_same_start(ranks):

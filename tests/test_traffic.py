@@ -4,13 +4,12 @@ the tables' own), evaluation is not counted, and closing restores ``torch.distri
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from recmem.data.dataset import iter_batches
 from recmem.models import build_dense
@@ -18,15 +17,13 @@ from recmem.train.distributed.plan import build_worker_model
 from recmem.train.distributed.traffic import TrafficMeter
 from recmem.train.loop import make_dense_optimizer
 from tests.conftest import small_schema, tiny_config, write_learnable_root
+from tests.ranks import run_ranks
 from tests.test_distributed_model import LOCAL_BATCH, WORLD, _step
 
 SHARDINGS = ("auto", "id")
 
 
-def _rank(rank: int, root: Path, out: Path, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _rank(rank: int, root: Path, out: Path) -> dict[str, Any]:
     original = dist.all_to_all_single
     results = {}
     for sharding in SHARDINGS:
@@ -46,16 +43,14 @@ def _rank(rank: int, root: Path, out: Path, port: int) -> None:
             evaluated = meter.stats()
         results[sharding] = {"first": first, "second": second, "evaluated": evaluated,
                              "tables": model.tables.stats(), "restored": dist.all_to_all_single is original}
-    torch.save(results, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     root = write_learnable_root(tmp_path_factory.mktemp("traffic"), small_schema(), rows=1024, valid=128)
     out = tmp_path_factory.mktemp("traffic_ranks")
-    mp.spawn(_rank, args=(root, out, 29800 + os.getpid() % 100), nprocs=WORLD)
-    return root, out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return root, out, run_ranks(_rank, out, root, out, world=WORLD)
 
 
 @pytest.mark.parametrize("sharding", SHARDINGS)
