@@ -1,6 +1,7 @@
-"""``recmem evaluate`` after a Ray run, the parts that need no Ray: which checkpoint it picks, and the
-error when there is none. The run on Ray itself is in ``test_distributed_ray.py`` (it reuses that
-module's 2-worker training run).
+"""Ray checkpoints, the parts that need no Ray running: which checkpoint ``recmem evaluate`` picks, the
+error when there is none, and a worker's fallback past a corrupt shard (one worker: no collectives).
+The runs on Ray itself are in ``test_distributed_ray.py`` (evaluation reuses that module's 2-worker
+training run).
 """
 
 from __future__ import annotations
@@ -10,19 +11,21 @@ from pathlib import Path
 
 import pytest
 import ray
+import ray.train
+import torch
 
 from recmem.cli import main
 from recmem.train.distributed import evaluate_ray
-from recmem.train.distributed.store import latest_checkpoint, shard_name
+from recmem.train.distributed.store import RayCheckpoints, complete_checkpoints, latest_checkpoint, shard_name
 from tests.conftest import tiny_config
 
 
-def _checkpoint(run: Path, folder: str, step: int | None, ranks: range) -> Path:
+def _checkpoint(run: Path, folder: str, step: int | None, ranks: range, world_size: int = 2) -> Path:
     """A fake Ray checkpoint folder: ``meta.json`` (unless ``step`` is None) and the ``ranks``' shards."""
     path = run / folder
     path.mkdir(parents=True)
     if step is not None:
-        (path / "meta.json").write_text(json.dumps({"step": step, "world_size": 2, "plan": {}}))
+        (path / "meta.json").write_text(json.dumps({"step": step, "world_size": world_size, "plan": {}}))
     for r in ranks:
         (path / shard_name(r)).write_bytes(b"")
     return path
@@ -42,6 +45,37 @@ def test_latest_checkpoint_is_the_highest_complete_step(tmp_path):
     assert latest_checkpoint(str(tmp_path / "storage"), "recmem")[1] == str(newer)
     assert latest_checkpoint(str(tmp_path / "storage"), "other") is None
     assert latest_checkpoint(str(tmp_path / "nowhere"), "recmem") is None
+
+
+def test_complete_checkpoints_are_listed_newest_first(tmp_path):
+    """By step, then by folder name (Ray names them by time: a step saved again after a fallback)."""
+    run = tmp_path / "recmem"
+    a, b, c = (_checkpoint(run, f"checkpoint_2025-01-0{d}", step, range(2)) for d, step in ((1, 8), (2, 4), (3, 8)))
+    _checkpoint(run, "checkpoint_2025-01-04", 12, range(1))  # incomplete
+    (_checkpoint(run, "checkpoint_2025-01-05", 16, range(2)) / "meta.json").write_text("{garbled")
+    fs, _, _ = latest_checkpoint(str(tmp_path), "recmem")
+    listed = complete_checkpoints(fs, str(run))
+    assert [(folder, meta["step"]) for folder, meta in listed] == [(str(c), 8), (str(a), 8), (str(b), 4)]
+    assert latest_checkpoint(str(tmp_path), "recmem")[1] == str(c)
+    assert complete_checkpoints(fs, str(tmp_path / "nowhere")) == []
+
+
+def test_one_worker_resumes_from_the_checkpoint_before_a_corrupt_one(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "recmem"
+    folders = [_checkpoint(run, f"checkpoint_{step:02d}", step, range(1), world_size=1) for step in (4, 8)]
+    for folder, step in zip(folders, (4, 8)):
+        torch.save({"step": step}, folder / shard_name(0))
+    (folders[1] / shard_name(0)).write_bytes(b"garbage")
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(folders[1])))
+    assert RayCheckpoints(0, 1, {}).load() == {"step": 4}
+    assert f"skipping checkpoint {folders[1]}, a shard does not load (rank 0: " in capsys.readouterr().out
+    (folders[0] / shard_name(0)).write_bytes(b"")
+    with pytest.raises(RuntimeError, match=f"no checkpoint of the Ray run {run} loads on all 1 workers"):
+        RayCheckpoints(0, 1, {}).load()
+    with pytest.raises(ValueError, match="written by 1 workers with plan {}"):  # a mismatch: no fallback
+        RayCheckpoints(0, 1, {"sharding": "id"}).load()
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    assert RayCheckpoints(0, 1, {}).load() is None
 
 
 def test_no_checkpoint_names_the_storage_the_run_and_the_runs_there(tmp_path):

@@ -8,11 +8,14 @@ every rank's upload is done, so a worker lost mid-save leaves the previous check
 the save is atomic. On a restart (``FailureConfig`` retry, or the same job submitted again) each rank
 reads only its own shard; so does each worker of ``recmem evaluate``, from the checkpoint the driver
 found with :func:`latest_checkpoint` (this module imports torch only inside the workers' methods).
+A shard that no longer loads (corrupt, truncated) on any rank makes all ranks resume from the run's
+previous complete checkpoint instead, since retrying the same one would fail on every restart.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,29 +34,43 @@ def shard_name(rank: int) -> str:
 def latest_checkpoint(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str, dict[str, Any]] | None:
     """The newest complete checkpoint of the Ray run ``name`` under ``storage``, without Ray or torch.
 
-    Complete: its ``checkpoint_*`` folder holds ``meta.json`` and the shard of every rank (a save cut
-    short leaves a folder without some); newest: the highest step.
-
     Args:
         storage: ``ray.storage_path`` as the run used it: an absolute folder or a pyarrow URI.
         name: the Ray run name (the folder under ``storage``).
 
     Returns:
-        ``(filesystem, folder, meta)``, or None when the run has no complete checkpoint.
+        ``(filesystem, folder, meta)``, or None when the run has no complete checkpoint (see
+        :func:`complete_checkpoints`).
     """
     fs, base = pyarrow.fs.FileSystem.from_uri(storage)
-    best = None
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(f"{base.rstrip('/')}/{name}", allow_not_found=True)):
+    found = complete_checkpoints(fs, f"{base.rstrip('/')}/{name}")
+    return (fs, *found[0]) if found else None
+
+
+def complete_checkpoints(fs: pyarrow.fs.FileSystem, run: str) -> list[tuple[str, dict[str, Any]]]:
+    """The complete checkpoints in the Ray run folder ``run`` on ``fs``, newest first, without torch.
+
+    Complete: its ``checkpoint_*`` folder holds a readable ``meta.json`` and the shard of every rank
+    (a save cut short leaves a folder without some); newest: the highest step, then the latest folder
+    name (Ray names them by the time they were saved).
+
+    Returns:
+        ``[(folder, meta), ...]``; empty when there is none (or no such run folder).
+    """
+    found = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True)):
         if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
         files = {i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(info.path))}
         if META not in files:
             continue
-        meta = _read_meta(fs, info.path)
-        complete = all(shard_name(r) in files for r in range(meta["world_size"]))
-        if complete and (best is None or meta["step"] > best[2]["step"]):
-            best = (fs, info.path, meta)
-    return best
+        try:
+            meta = _read_meta(fs, info.path)
+        except ValueError:  # a garbled meta.json: as unusable as a missing one
+            continue
+        if all(shard_name(r) in files for r in range(meta["world_size"])):
+            found.append((info.path, meta))
+    return sorted(found, key=lambda c: (c[1]["step"], c[0]), reverse=True)
 
 
 def checkpointed_runs(storage: str) -> list[str]:
@@ -67,6 +84,17 @@ def checkpointed_runs(storage: str) -> list[str]:
 def _read_meta(fs: pyarrow.fs.FileSystem, folder: str) -> dict[str, Any]:
     with fs.open_input_stream(f"{folder}/{META}") as f:
         return json.loads(f.read())
+
+
+def _gloo_group() -> Any:
+    """A gloo group of all ranks for the checkpoint agreement (host objects); collective.
+
+    The default group when it is gloo; under ``train.device: cuda`` it is NCCL, which carries only
+    GPU tensors, so every rank creates a gloo group of its own, in the same order.
+    """
+    import torch.distributed as dist
+
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 class RayCheckpoints:
@@ -84,17 +112,41 @@ class RayCheckpoints:
         self.plan = dict(plan)
 
     def load(self) -> dict[str, Any] | None:
-        """This rank's shard of the latest registered checkpoint (``ray.train.get_checkpoint``), or None.
+        """This rank's shard of the newest checkpoint of the run that loads on every rank, or None.
+
+        Ray's latest registered checkpoint (``ray.train.get_checkpoint``) names the run folder; its
+        complete checkpoints are tried newest first. A shard that does not load (corrupt, truncated)
+        on any rank moves every rank to the one before, and rank 0 prints which was skipped and why:
+        retrying the same checkpoint would fail the same way on every restart. Collective when there
+        are several workers: every rank calls it at the same point.
 
         Raises:
-            ValueError: the checkpoint was written by a different number of workers or plan.
+            ValueError: the newest checkpoint was written by a different number of workers or plan
+                (not a fault of the checkpoint: no fallback).
+            RuntimeError: no complete checkpoint of the run loads on every rank.
         """
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        return self.load_from(checkpoint.filesystem, checkpoint.path)
+        fs, run = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+        group = _gloo_group() if self.world_size > 1 else None
+        folders = self._agree(group, [folder for folder, _ in complete_checkpoints(fs, run)])
+        for folder in folders:
+            self._check_meta(fs, folder)
+            try:
+                state, error = self._read_shard(fs, folder), None
+            except Exception as e:  # any unreadable shard: the ranks agree below to try the one before
+                state, error = None, f"{type(e).__name__}: {e}"
+            errors = self._gather(group, error)
+            if not any(errors):
+                return state
+            if self.rank == 0:
+                why = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
+                print(f"recmem: skipping checkpoint {folder}, a shard does not load ({why}); trying the one before")
+        raise RuntimeError(f"no checkpoint of the Ray run {run} loads on all {self.world_size} workers "
+                           f"({len(folders)} complete ones tried); train.resume=false starts afresh")
 
     def load_from(self, fs: pyarrow.fs.FileSystem, folder: str) -> dict[str, Any]:
         """This rank's shard of the checkpoint in ``folder`` on ``fs`` (e.g. from :func:`latest_checkpoint`).
@@ -102,16 +154,42 @@ class RayCheckpoints:
         Raises:
             ValueError: the checkpoint was written by a different number of workers or plan.
         """
-        import torch
+        self._check_meta(fs, folder)
+        return self._read_shard(fs, folder)
 
+    def _check_meta(self, fs: pyarrow.fs.FileSystem, folder: str) -> None:
         meta = _read_meta(fs, folder)
         if meta["world_size"] != self.world_size or meta["plan"] != self.plan:
             raise ValueError(
                 f"checkpoint {folder} was written by {meta['world_size']} workers with plan "
                 f"{meta['plan']}; these workers are {self.world_size} with {self.plan}. A checkpoint loads "
                 "only with the same ray.num_workers and ray.sharding (train.resume=false starts afresh)")
+
+    def _read_shard(self, fs: pyarrow.fs.FileSystem, folder: str) -> dict[str, Any]:
+        import torch
+
         with fs.open_input_file(f"{folder}/{shard_name(self.rank)}") as f:
             return torch.load(f, map_location="cpu", weights_only=False)
+
+    def _agree(self, group: Any, folders: list[str]) -> list[str]:
+        """Rank 0's list of ``folders`` on every rank: all try the same checkpoints in the same order."""
+        if self.world_size == 1:
+            return folders
+        import torch.distributed as dist
+
+        shared = [folders]
+        dist.broadcast_object_list(shared, src=0, group=group)
+        return shared[0]
+
+    def _gather(self, group: Any, error: str | None) -> list[str | None]:
+        """Every rank's ``error`` (None: its shard loaded), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [error]
+        import torch.distributed as dist
+
+        errors: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(errors, error, group=group)
+        return errors
 
     def save(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
         """Write this rank's shard and report it with ``metrics`` (a barrier across ranks)."""
