@@ -1,5 +1,6 @@
-"""Ray training end to end on a local Ray: 2 sharded workers train like 1; a killed worker resumes;
-``evaluate_ray`` scores the 2 workers' last checkpoint as the run's own last validation did.
+"""Ray training end to end on a local Ray: 2 sharded workers train like 1; a killed worker resumes; a
+corrupt shard resumes from the checkpoint before; ``evaluate_ray`` scores the 2 workers' last
+checkpoint as the run's own last validation did.
 
 The reference is the single-process loop on the same data and config: Ray's data split gives W
 workers exactly the global batches one worker trains on (see ``recmem/train/distributed/data.py``).
@@ -22,6 +23,7 @@ import ray
 
 from recmem.config import ConfigError
 from recmem.train.distributed import evaluate_ray, train_ray
+from recmem.train.distributed.store import shard_name
 from recmem.train.local import train_local
 from tests.conftest import small_schema, tiny_config, write_learnable_root
 
@@ -137,6 +139,30 @@ def test_killed_worker_resumes_from_its_checkpoint(root, reference, local_ray, t
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one continuous MLflow run"
     logged = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
     assert logged == set(range(4, 17, 4)), "no gap in the training history"
+
+
+@pytest.mark.slow
+def test_corrupt_shard_resumes_from_the_checkpoint_before(root, reference, local_ray, tmp_path):
+    """A run stopped at step 10 (checkpoints of steps 8 and 10 kept); rank 1's shard of step 10 turned to
+    garbage; the same job submitted again resumes from step 8 (no retry needed) and ends as if
+    uninterrupted."""
+    args = (*COMMON, "ray.sharding=id", "train.checkpoint_every=4", "train.log_every=2", "ray.max_failures=0")
+    train_ray(tiny_config(root, tmp_path, *args, "train.max_steps=10"))
+    run_dir = tmp_path / "runs" / "checkpoints" / "ray" / "recmem"
+    kept = {json.loads(m.read_text())["step"]: m.parent for m in run_dir.glob("checkpoint_*/meta.json")}
+    assert sorted(kept) == [8, 10]
+    (kept[10] / shard_name(1)).write_bytes(b"not a checkpoint")
+    cfg = tiny_config(root, tmp_path, *args, "train.max_steps=0")
+    result = train_ray(cfg)
+    print(f"corrupt shard: resumed; AUC {result.metrics['valid/auc']:.6f} "
+          f"vs uninterrupted {reference.metrics['valid/auc']:.6f}")
+    assert result.step == 16
+    assert abs(result.metrics["valid/auc"] - reference.metrics["valid/auc"]) <= 0.002, (result.metrics, reference.metrics)
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one continuous MLflow run"
+    logged = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
+    assert logged == [2, 4, 6, 8, 10, 10, 12, 14, 16], "steps 9-10 trained again from step 8's checkpoint"
 
 
 def test_driver_imports_no_torchrec():
