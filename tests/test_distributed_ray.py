@@ -144,8 +144,8 @@ def test_killed_worker_resumes_from_its_checkpoint(root, reference, local_ray, t
 @pytest.mark.slow
 def test_corrupt_shard_resumes_from_the_checkpoint_before(root, reference, local_ray, tmp_path):
     """A run stopped at step 10 (checkpoints of steps 8 and 10 kept); rank 1's shard of step 10 turned to
-    garbage; the same job submitted again resumes from step 8 (no retry needed) and ends as if
-    uninterrupted."""
+    garbage; `recmem evaluate` scores step 8, and the same job submitted again resumes from step 8 (no
+    retry needed) and ends as if uninterrupted."""
     args = (*COMMON, "ray.sharding=id", "train.checkpoint_every=4", "train.log_every=2", "ray.max_failures=0")
     train_ray(tiny_config(root, tmp_path, *args, "train.max_steps=10"))
     run_dir = tmp_path / "runs" / "checkpoints" / "ray" / "recmem"
@@ -153,6 +153,7 @@ def test_corrupt_shard_resumes_from_the_checkpoint_before(root, reference, local
     assert sorted(kept) == [8, 10]
     (kept[10] / shard_name(1)).write_bytes(b"not a checkpoint")
     cfg = tiny_config(root, tmp_path, *args, "train.max_steps=0")
+    assert evaluate_ray(cfg)["step"] == 8, "recmem evaluate skips the corrupt checkpoint too"
     result = train_ray(cfg)
     print(f"corrupt shard: resumed; AUC {result.metrics['valid/auc']:.6f} "
           f"vs uninterrupted {reference.metrics['valid/auc']:.6f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import time
 import warnings
 from collections.abc import Callable
@@ -81,7 +82,8 @@ def train_ray(cfg: Config) -> RayTrainResult:
 
 
 def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
-    """Metrics of the latest complete checkpoint of the Ray run ``ray.run_name`` on ``split``, on Ray.
+    """Metrics of the newest complete checkpoint of the Ray run ``ray.run_name`` on ``split``, on Ray
+    (one with a shard that does not load is skipped for the one before, as on resume).
 
     Sharded tables load only on as many workers as wrote them, under the same plan: this starts the
     checkpoint's number of workers (warning when ``ray.num_workers`` differs) with ``ray.sharding``
@@ -119,15 +121,14 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
     try:
         _check_gpus(cfg)
         datasets = build_datasets(cfg, workers, (split,))
-        payload = {"config": cfg, "checkpoint": (fs, folder), "split": split}
+        payload = {"config": cfg, "run": (fs, posixpath.dirname(folder.rstrip("/"))), "split": split}
         trainer = _trainer(cfg, storage, f"{name}-evaluate-{time.strftime('%Y%m%d-%H%M%S')}", datasets,
                            evaluate_worker, payload)
         result = _fit_raising_value_errors(trainer)
     finally:
         if started:
             ray.shutdown()
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    return {**metrics, "step": float(meta["step"])}
+    return {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
 
 
 def resolve_paths(cfg: Config) -> Config:

@@ -6,10 +6,11 @@ part, the data position) into a fresh local folder and hands it to ``ray.train.r
 ``ray.storage_path`` (a local folder or any pyarrow/fsspec filesystem) and registers it only once
 every rank's upload is done, so a worker lost mid-save leaves the previous checkpoint as the latest:
 the save is atomic. On a restart (``FailureConfig`` retry, or the same job submitted again) each rank
-reads only its own shard; so does each worker of ``recmem evaluate``, from the checkpoint the driver
-found with :func:`latest_checkpoint` (this module imports torch only inside the workers' methods).
-A shard that no longer loads (corrupt, truncated) on any rank makes all ranks resume from the run's
-previous complete checkpoint instead, since retrying the same one would fail on every restart.
+reads only its own shard; so does each worker of ``recmem evaluate``, in the run whose newest
+checkpoint the driver found with :func:`latest_checkpoint` (this module imports torch only inside the
+workers' methods). A shard that no longer loads (corrupt, truncated) on any rank makes all ranks use
+the run's previous complete checkpoint instead, since retrying the same one would fail on every
+restart.
 """
 
 from __future__ import annotations
@@ -130,7 +131,16 @@ class RayCheckpoints:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        fs, run = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+        return self.load_newest(checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/")))
+
+    def load_newest(self, fs: pyarrow.fs.FileSystem, run: str) -> dict[str, Any]:
+        """This rank's shard of the newest complete checkpoint in the run folder ``run`` that loads on
+        every rank (see :meth:`load`); collective when there are several workers.
+
+        Raises:
+            ValueError: that checkpoint was written by a different number of workers or plan.
+            RuntimeError: no complete checkpoint of the run loads on every rank.
+        """
         group = _gloo_group() if self.world_size > 1 else None
         folders = self._agree(group, [folder for folder, _ in complete_checkpoints(fs, run)])
         for folder in folders:
@@ -147,15 +157,6 @@ class RayCheckpoints:
                 print(f"recmem: skipping checkpoint {folder}, a shard does not load ({why}); trying the one before")
         raise RuntimeError(f"no checkpoint of the Ray run {run} loads on all {self.world_size} workers "
                            f"({len(folders)} complete ones tried); train.resume=false starts afresh")
-
-    def load_from(self, fs: pyarrow.fs.FileSystem, folder: str) -> dict[str, Any]:
-        """This rank's shard of the checkpoint in ``folder`` on ``fs`` (e.g. from :func:`latest_checkpoint`).
-
-        Raises:
-            ValueError: the checkpoint was written by a different number of workers or plan.
-        """
-        self._check_meta(fs, folder)
-        return self._read_shard(fs, folder)
 
     def _check_meta(self, fs: pyarrow.fs.FileSystem, folder: str) -> None:
         meta = _read_meta(fs, folder)

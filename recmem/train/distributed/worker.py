@@ -47,8 +47,10 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
     driver reads rank 0's.
 
     Args:
-        payload: ``{"config": Config, "checkpoint": (pyarrow FileSystem, folder), "split": str}`` from
-            the driver, which started as many workers as wrote the checkpoint.
+        payload: ``{"config": Config, "run": (pyarrow FileSystem, run folder), "split": str}`` from
+            the driver, which started as many workers as wrote the run's newest checkpoint. The newest
+            complete checkpoint that loads on every rank is scored (a corrupt one is skipped, as on
+            resume); its step is reported with the metrics.
     """
     import ray.train
 
@@ -58,14 +60,15 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
 
     cfg, split = payload["config"], payload["split"]
     rank, world_size, model, plan = _worker_model(cfg)
-    model.load_state_dict(RayCheckpoints(rank, world_size, plan).load_from(*payload["checkpoint"])["model"])
-    metrics = evaluate(model, shard_source(cfg, world_size, (split,))(split, 0, 0), split)
+    state = RayCheckpoints(rank, world_size, plan).load_newest(*payload["run"])
+    model.load_state_dict(state["model"])
+    metrics = {**evaluate(model, shard_source(cfg, world_size, (split,))(split, 0, 0), split), "step": state["step"]}
     # Ray Train hands the driver only metrics reported with a checkpoint: rank 0 registers a record
-    # of this evaluation (its metrics and the checkpoint they score) as the evaluation run's one.
+    # of this evaluation (its metrics and the run and step they score) as the evaluation run's one.
     with tempfile.TemporaryDirectory(prefix="recmem-eval-") as folder:
         record = None
         if rank == 0:
-            scored = {"checkpoint": payload["checkpoint"][1], "metrics": metrics}
+            scored = {"run": payload["run"][1], "metrics": metrics}
             (Path(folder) / "evaluation.json").write_text(json.dumps(scored, indent=2))
             record = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=record)
