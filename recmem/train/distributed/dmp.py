@@ -115,10 +115,14 @@ class DmpTables(torch.nn.Module):
         batch = features.stride()
         rows = KeyedJaggedTensor(keys=features.keys(), values=self.router(features),
                                  lengths=features.lengths(), stride=batch)
-        pooled = self.dmp(rows).values()  # [b, F * D] in feature order
+        keyed = self.dmp(rows)
+        # The sharded collection returns its features grouped by layout and owner, not in the order
+        # asked for (table-wise: each worker's tables together): put them back in feature order.
+        order = torch.tensor([keyed.keys().index(f) for f in self.feature_names])
+        pooled = keyed.values().view(batch, len(self.feature_names), self.embedding_dim)[:, order]
         if pooled.requires_grad:
             pooled.register_hook(lambda grad: grad * self.grad_scale)
-        return pooled.view(batch, len(self.feature_names), self.embedding_dim)
+        return pooled
 
     def train(self, mode: bool = True) -> "DmpTables":
         """Set train/eval mode here and on the DMP module."""
