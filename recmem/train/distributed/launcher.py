@@ -98,6 +98,7 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
     Raises:
         FileNotFoundError: the run has no complete checkpoint under the storage path.
         ValueError: the checkpoint's sharding plan is not this config's (another ``ray.sharding``).
+        ray.train.TrainingFailedError: no complete checkpoint of the run loads on every worker.
     """
     import ray
 
