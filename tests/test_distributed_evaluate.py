@@ -45,6 +45,8 @@ def test_latest_checkpoint_is_the_highest_complete_step(tmp_path):
     assert latest_checkpoint(str(tmp_path / "storage"), "recmem")[1] == str(newer)
     assert latest_checkpoint(str(tmp_path / "storage"), "other") is None
     assert latest_checkpoint(str(tmp_path / "nowhere"), "recmem") is None
+    # ray.storage_path may be a filesystem URI (s3://, gs://, file://): the same lookup through pyarrow.
+    assert latest_checkpoint((tmp_path / "storage").as_uri(), "recmem")[1] == str(newer)
 
 
 def test_complete_checkpoints_are_listed_newest_first(tmp_path):
