@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port the OS just had free: fixed or pid-derived ports collide between test modules and runs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,5 +46,5 @@ def run_ranks(fn: Callable[..., Any], out: Path, *args: Any, world: int = 2) -> 
     Returns:
         The ``world`` return values, in rank order.
     """
-    mp.spawn(_run_rank, args=(fn, out, _free_port(), world, args), nprocs=world)
+    mp.spawn(_run_rank, args=(fn, out, free_port(), world, args), nprocs=world)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -8,7 +8,6 @@ users' included.) Ports are picked free so a Ray already running here is left al
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,12 @@ from pathlib import Path
 import pytest
 
 from recmem.cli import main
+from tests.ranks import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 PORT_OPTIONS = ["port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                 "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def head(tmp_path_factory):
     # activated; `make test` runs .venv/bin/python without putting .venv/bin on the PATH.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
-    ports = {name: _free_port() for name in PORT_OPTIONS}
+    ports = {name: free_port() for name in PORT_OPTIONS}
     log = tmp_path_factory.mktemp("head") / "head.log"
     process = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
