@@ -125,7 +125,6 @@ class DataConfig:
     raw: RawConfig = field(default_factory=RawConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     batch_size: int = 4096
-    shuffle_buffer_batches: int = 0
 
 
 @dataclass
@@ -158,13 +157,16 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     """The training loop. ``device``: where the dense layers run; ``cuda`` gives each process (each
-    Ray worker) one GPU and NCCL for their all-reduce, while the tables stay in host memory."""
+    Ray worker) one GPU and NCCL for their all-reduce, while the tables stay in host memory.
+    ``precision``: the dense layers' arithmetic; ``bf16`` runs them under bf16 autocast (fp32 master
+    weights), ``auto`` takes bf16 only where the device computes it natively (a CPU with AVX512-BF16
+    or AMX, a GPU with bf16 support), else fp32 (see ``recmem/train/device.py``)."""
 
     epochs: int = 1
     max_steps: int = 0
     dense_optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
     learning_rate: float = 0.01
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     eval_every: int = 0
     log_every: int = 20
     checkpoint_every: int = 0

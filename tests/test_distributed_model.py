@@ -27,7 +27,8 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> No
 
 
 def _rank(rank: int, root: Path, out: Path, sharding: str) -> dict[str, Any]:
-    cfg = tiny_config(root, out, f"ray.sharding={sharding}")
+    # fp32 pinned: the reference below is built in fp32, and bf16 rounds the two batch splits apart.
+    cfg = tiny_config(root, out, f"ray.sharding={sharding}", "train.precision=fp32")
     model = build_worker_model(cfg, WORLD)
     optimizer = make_dense_optimizer(cfg, list(model.dense.parameters()))
     local = list(iter_batches(root, "train", cfg.data.schema, LOCAL_BATCH, drop_last=True))

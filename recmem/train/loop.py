@@ -15,7 +15,7 @@ from recmem.data.batch import Batch
 from recmem.models import CTRModel, build_model
 from recmem.tables.base import Evictable
 from recmem.train.checkpoint import CheckpointStore, LocalCheckpoints
-from recmem.train.device import dense_device
+from recmem.train.device import dense_device, dense_precision, precision_note
 from recmem.train.metrics import MetricAccumulator
 from recmem.tracking.logger import RunLogger
 from recmem.tracking.plots import plt, training_curve
@@ -47,9 +47,9 @@ def make_dense_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch
 
 def build_job_model(cfg: Config) -> CTRModel:
     """``cfg``'s single-process model: tables in host memory, dense layers on ``train.device``."""
-    t = cfg.train
-    return build_model(cfg.model, cfg.data.schema, Path(cfg.data.root), cfg.seed, t.precision == "bf16",
-                       dense_device(t))
+    device = dense_device(cfg.train)
+    bf16 = dense_precision(cfg.train, device) == "bf16"
+    return build_model(cfg.model, cfg.data.schema, Path(cfg.data.root), cfg.seed, bf16, device)
 
 
 def evaluate(model: CTRModel, batches: Iterator[Batch], split: str = "valid") -> dict[str, float]:
@@ -114,7 +114,10 @@ def train(
         step, epoch, position = state["step"], state["epoch"], state["position"]
         run_id = state["run_id"] or run_id
     log = RunLogger(cfg, enabled=track and rank == 0, run_id=run_id)
-    log.log_params(params or {})
+    precision = "bf16" if model.bf16 else "fp32"  # train.precision as resolved for this device
+    log.log_params({"train.precision_used": precision, **(params or {})})
+    if rank == 0:
+        tqdm.write(precision_note(t, precision))
     reported: dict[str, float] = {}
 
     def checkpoint() -> None:

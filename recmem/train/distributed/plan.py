@@ -26,6 +26,7 @@ from recmem.config import Config, TableConfig
 from recmem.models import CTRModel, build_dense, build_model
 from recmem.tables import TableCollection, build_tables
 from recmem.tables.sharded import RowKeyedKind, kind_shard, sharded_table
+from recmem.train.device import dense_precision
 from recmem.train.distributed.dmp import DmpTables
 
 
@@ -41,7 +42,7 @@ def build_worker_model(cfg: Config, world_size: int, device: torch.device = torc
         device: where this worker's dense layers run (its GPU, or the CPU); tables stay on the host.
     """
     m, schema = cfg.model, cfg.data.schema
-    bf16 = cfg.train.precision == "bf16"
+    bf16 = dense_precision(cfg.train, device) == "bf16"
     if world_size == 1:
         return build_model(m, schema, Path(cfg.data.root), cfg.seed, bf16, device)
     # Table traffic gets its own gloo group: its collectives never interleave with DDP's all-reduce
