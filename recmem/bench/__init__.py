@@ -1,1 +1,12 @@
-"""Benchmarks: recmem measured against its peers in one process, on the same inputs (``jobs/bench_*.py``)."""
+"""Benchmarks: one module per benchmark, each run by a thin entry point in ``jobs/``.
+
+- ``throughput.py`` (``jobs/bench_train.py``): recmem's training step against torchrec's, with
+  the peers in ``peers.py``.
+- ``collisionless_map.py`` (``jobs/bench_collisionless.py``): the collisionless ID -> row map
+  against a dict and torchrec's MCH.
+- ``collisionless_train.py`` (``jobs/bench_collisionless_train.py``): training on collisionless
+  tables against ``full`` tables.
+- ``collisionless_drift.py`` (``jobs/collisionless_drift.py``): TTL and admission on drifting data
+  against no expiry and the hashing trick.
+- ``scaling.py`` (``jobs/bench_scaling.py``): Ray workers, bytes per step, a projection.
+"""
