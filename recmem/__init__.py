@@ -1,3 +1,3 @@
-"""recmem: a Ray-distributed CTR trainer with collisionless, memory-efficient and SSD-offloaded tables."""
+"""recmem: a Ray-distributed CTR trainer with full, hashed and collisionless (expirable) embedding tables."""
 
 __version__ = "0.1.0"

@@ -7,8 +7,8 @@ Written once after data preparation (``recmem prepare`` / ``recmem generate``) u
 - ``summary.json``: ``rows``, ``positive_rate`` and per field ``distinct``, ``missing``,
   ``top10_share`` (the share of non-missing values taken by the 10 most frequent IDs).
 
-``full`` tables build their vocabulary from :func:`load_ids`; mixed-dimension tables size their
-blocks from :func:`load_counts`.
+``full`` tables build their vocabulary from :func:`load_ids`; :func:`load_counts` gives the counts
+beside the IDs.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ class CTRModel(torch.nn.Module):
     """Tables + a dense architecture: Batch -> click logits.
 
     Tables live in host memory, run in fp32 and update themselves in backward (fbgemm's CPU kernels;
-    the collisionless and SSD kinds keep their ID maps on the host too). The dense part runs on
+    the collisionless kind keeps its ID maps on the host too). The dense part runs on
     ``device``: the CPU, or a GPU that receives the pooled rows and sends their gradients back, and
     may run under bf16 autocast (fp32 master weights), which halves its cost on CPUs with AVX512-BF16
     and on GPUs (``train.precision: auto`` turns it on exactly there: ``recmem/train/device.py``).

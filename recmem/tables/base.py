@@ -36,7 +36,7 @@ class EmbeddingTable(Protocol):
         ...
 
     def stats(self) -> dict[str, float]:
-        """Numbers worth logging as ``tables/<name>`` metrics (rows live, bytes on disk, ...)."""
+        """Numbers worth logging as ``tables/<name>`` metrics (rows live, memory by part, ...)."""
         ...
 
 
@@ -55,7 +55,11 @@ class Evictable(Protocol):
 
 @runtime_checkable
 class Prefetchable(Protocol):
-    """A table that can fetch the rows of upcoming batches ahead of time (SSD-backed kinds)."""
+    """A table that can fetch the rows of upcoming batches ahead of time.
+
+    No kind implements it yet and the training loop does not call it: it is the capability the
+    planned SSD-backed kind will add.
+    """
 
     def prefetch(self, features: KeyedJaggedTensor) -> None:
         """Start bringing the rows ``features`` will need into RAM."""

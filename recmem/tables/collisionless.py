@@ -41,7 +41,8 @@ class CollisionlessOptions:
         initial_rows: rows allocated per feature before any growth.
         filter_width: counters per hash row of the frequency filter (4 rows of uint8: 4x this many
             bytes); see ``admission.py`` for its false-admission rate.
-        track_changes: record freed IDs for serving deltas (``take_changes``).
+        track_changes: record freed IDs too, so ``take_changes`` reports them (the input of row
+            deltas for serving, which are not built yet).
     """
 
     capacity: int = 1_000_000
@@ -147,7 +148,7 @@ class CollisionlessTable(torch.nn.Module):
         return out
 
     def take_changes(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per feature: rows updated since the last call and IDs freed (for serving deltas).
+        """Per feature: rows updated since the last call and IDs freed (what a serving delta will hold).
 
         Returns:
             ``{feature: {"ids": [n] int64, "weights": [n, D], "freed": [m] int64}}``; apply frees first.
@@ -241,7 +242,7 @@ class IdRouter(torch.nn.Module):
 
 
 class CollisionlessLookup(torch.nn.Module):
-    """The serving form of a collisionless table: sorted IDs and their rows, nothing else.
+    """The read-only form of a collisionless table: sorted IDs and their rows, nothing else.
 
     Args:
         feature_names: the F features.

@@ -8,7 +8,7 @@ by its row of ``layout``::
     buckets [NB, 2] int64  (KEY, ROW) open-addressing buckets, ROW = EMPTY when free; feature f owns
                            buckets[BUCKET_BASE : BUCKET_BASE + BUCKET_MASK + 1], a power of two
     rows    [R, 4] int64   KEY, TIME (data time of last update), COUNT (updates; 0 = row is free),
-                           DIRTY (touched since the last change export); feature f owns
+                           DIRTY (touched since the last ``take_changes``); feature f owns
                            rows[ROW_BASE : ROW_BASE + ROW_ALLOC], indexed by its *local* row
     free    [R] int32      per-feature stack of free local rows, FREE_TOP entries from ROW_BASE
 
@@ -101,7 +101,7 @@ def delete_bucket(buckets: np.ndarray, base: np.int64, mask: np.int64, b: np.int
 @njit(cache=True)
 def find_rows(values: np.ndarray, bounds: np.ndarray, layout: np.ndarray, buckets: np.ndarray,
               out: np.ndarray) -> None:
-    """Look up IDs without changing anything (evaluation, serving).
+    """Look up IDs without changing anything (evaluation).
 
     Args:
         values: [N] int64 raw IDs, feature-major as in a KJT.

@@ -64,7 +64,7 @@ class SlotMap:
         eviction: what a full feature at ``capacity`` does with a new ID: "none" refuses it, "lru"
             frees the least recently updated rows, "lfu" the least often updated.
         seed: salts the per-feature hashes (row initialisation, filter).
-        track_changes: keep the IDs freed since the last :meth:`take_changes` (for serving deltas).
+        track_changes: keep the IDs freed since the last :meth:`take_changes` (for row deltas).
     """
 
     def __init__(self, num_features: int, capacity: int, initial_rows: int, min_count: int,
