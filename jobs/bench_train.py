@@ -5,8 +5,10 @@
     python jobs/bench_train.py --rows 100000 --steps 16
     python jobs/bench_train.py --threads 1 --clock cpu   # on a machine other jobs are using
 
-Prints a table of samples/s with each variant's ratio to torchrec's DistributedModelParallel DLRM,
-then one JSON line with every number. What each variant is: ``recmem/bench/throughput.py``.
+Prints the CPU's capability (and whether it runs bf16 natively), a table of samples/s with each
+variant's ratio to torchrec's DistributedModelParallel DLRM, recmem's step split into phases (ID
+lookup, TBE forward/backward, dense forward/backward/optimizer), then one JSON line with every number.
+What each variant is: ``recmem/bench/throughput.py``; the phases: ``recmem/bench/phases.py``.
 """
 
 from __future__ import annotations
@@ -14,25 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import tempfile
 from pathlib import Path
 
 import torch
 
-from recmem.bench.throughput import QUICK, ThroughputOptions, Timing, run_throughput
-
-BASELINE = "torchrec_dmp"
-LABELS = {
-    "recmem_fp32": "(a)  recmem, pre-collated, fp32",
-    "recmem_bf16": "(a') recmem, pre-collated, bf16 dense",
-    "torchrec_dmp": "(b)  torchrec DLRM + DMP (fused TBE)",
-    "torchrec_naive": "(c)  torchrec DLRM, unsharded EBC",
-    "dense_fp32": "(d)  dense part alone, fp32",
-    "dense_bf16": "(d') dense part alone, bf16",
-    "recmem_parquet_fp32": "(e)  recmem from Parquet, fp32",
-    "parquet_pipeline": "(e') Parquet -> Batch alone",
-}
+from recmem.bench.throughput import QUICK, ThroughputOptions, run_throughput
+from recmem.bench.throughput_report import report
 
 
 def parse_options(argv: list[str] | None = None) -> ThroughputOptions:
@@ -50,37 +40,15 @@ def parse_options(argv: list[str] | None = None) -> ThroughputOptions:
     return dataclasses.replace(base, **{k: v for k, v in args.items() if v is not None})
 
 
-def report(timings: dict[str, Timing], opts: ThroughputOptions) -> tuple[str, dict]:
-    """A readable table and the JSON record of one run."""
-    base = timings[BASELINE].samples_per_second
-    best = timings[BASELINE].best_round
-    lines = [f"{'variant':40s} {'samples/s':>10s} {'vs (b)':>7s} {'best round':>11s} {'vs (b)':>7s} {'steps':>6s}"]
-    for key, label in LABELS.items():
-        t = timings[key]
-        lines.append(f"{label:40s} {t.samples_per_second:10,.0f} {t.samples_per_second / base:6.2f}x "
-                     f"{t.best_round:11,.0f} {t.best_round / best:6.2f}x {t.samples // opts.batch:6d}")
-    record = {
-        "options": dataclasses.asdict(opts),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__},
-        "samples_per_second": {k: round(t.samples_per_second, 1) for k, t in timings.items()},
-        "ratio_to_" + BASELINE: {k: round(t.samples_per_second / base, 3) for k, t in timings.items()},
-        "best_round_ratio_to_" + BASELINE: {k: round(t.best_round / best, 3) for k, t in timings.items()},
-        "per_round": {k: [round(r, 1) for r in t.per_round] for k, t in timings.items()},
-        "last_loss": {k: round(t.last_loss, 4) for k, t in timings.items()},
-    }
-    return "\n".join(lines), record
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark and print the table, then the JSON line."""
+    """Run the benchmark and print the machine line, the tables, then the JSON line."""
     opts = parse_options(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     with tempfile.TemporaryDirectory(prefix="recmem-bench-") as workdir:
-        timings = run_throughput(opts, Path(workdir))
-    table, record = report(timings, opts)
-    print(table)
+        measured = run_throughput(opts, Path(workdir))
+    text, record = report(measured, opts)
+    print(text)
     print(json.dumps(record))
 
 

@@ -11,6 +11,13 @@ Variants (keys of the results):
 - ``recmem_fp32`` / ``recmem_bf16``: ``CTRModel`` on a ``full`` table (fbgemm TBE, row-wise Adagrad)
   with ``DLRMDense``; bf16 is the same model with the dense part under bf16 autocast.
 - ``torchrec_dmp``: torchrec's DLRM under ``DistributedModelParallel`` (the yardstick, ratio 1.0).
+- ``torchrec_fused``: torchrec's DLRM on a ``FusedEmbeddingBagCollection`` (the same fused TBE
+  update), no DMP: against ``torchrec_dmp``, what DMP at world size 1 costs (DDP, input distribution).
+- ``torchrec_fused_recmem_dense``: those fused tables under recmem's ``DLRMDense``: against
+  ``recmem_fp32``, what recmem's ID -> row lookup costs; against ``torchrec_fused``, what torchrec's
+  interaction and ``DLRMTrain`` wrapper cost.
+- ``recmem_torchrec_interaction``: ``recmem_fp32`` with torchrec's ``InteractionArch`` in place of
+  recmem's ``DotInteraction``: what recmem's faster interaction gains.
 - ``dense_fp32`` / ``dense_bf16``: recmem's dense part alone on fixed pooled embeddings (their
   gradient still computed): a ceiling no full model can beat.
 - ``recmem_parquet_fp32``: recmem's step fed by :func:`iter_batches` (read + collate + train).
@@ -18,6 +25,10 @@ Variants (keys of the results):
 - ``torchrec_naive``: torchrec's DLRM on an unsharded ``EmbeddingBagCollection`` (dense table
   gradients, seconds per step at 1M rows: timed for a few steps only, after every other variant is
   freed, since it needs two copies of the tables).
+
+Each peer (``recmem/bench/peers.py``) has its own tables and dense layers, except that recmem's
+variants share one ``full`` table and the two fused peers one ``FusedEmbeddingBagCollection``.
+``recmem/bench/phases.py`` then cuts recmem's fp32 and bf16 steps into phases on the same batches.
 
 The main variants run interleaved in rounds, so a neighbour's burst of CPU load on a shared machine
 slows them all alike instead of one; each variant's figure is its samples over its seconds. On a
@@ -41,6 +52,7 @@ import pyarrow as pa
 import torch
 
 from recmem.bench import peers
+from recmem.bench.phases import PhaseTimes, measure_phases
 from recmem.config import Config, SchemaConfig, TableConfig
 from recmem.data.batch import Batch
 from recmem.data.collate import collate
@@ -67,10 +79,12 @@ class ThroughputOptions:
         rows: rows of every table; IDs lie in ``[0, rows)``.
         dim: D.
         batch: B.
-        steps: timed steps per main variant, split over ``rounds``.
+        steps: timed steps per main variant, split over ``rounds``; also the phased steps of
+            recmem's fp32 and bf16 step (each followed by a whole step).
         max_seconds: a main variant's time budget: a round stops early (after at least one step)
             once the variant has used its share, so a slow variant (bf16 without native bf16
-            instructions) cannot stretch the run; its figure then rests on fewer steps.
+            instructions) cannot stretch the run; its figure then rests on fewer steps. The phases
+            of each precision get the same budget.
         warmup: untimed steps per variant before its first timed one.
         rounds: how many times the main variants take turns.
         naive_steps: timed steps of the naive unsharded path (after one untimed step).
@@ -220,6 +234,36 @@ def torchrec_step(opts: ThroughputOptions, schema: SchemaConfig, cfg: Config, sh
     return make_step(lambda b: module(b)[0], make_dense_optimizer(cfg, peers.dense_parameters(module)))
 
 
+def torchrec_interaction_step(model: CTRModel, opts: ThroughputOptions, schema: SchemaConfig, cfg: Config) -> Step:
+    """``model``'s tables under recmem's dense part with torchrec's stock interaction (own dense layers)."""
+    torch.manual_seed(opts.seed)
+    dense = peers.with_torchrec_interaction(build_dense(cfg.model, schema))
+    return recmem_step(CTRModel(model.tables, dense), cfg)
+
+
+def fused_steps(opts: ThroughputOptions, schema: SchemaConfig, cfg: Config) -> dict[str, Step]:
+    """torchrec's fused tables without DMP (one set, shared) under torchrec's DLRM and under recmem's dense."""
+    torch.manual_seed(opts.seed)
+    table = cfg.model.tables[0]
+    tables = peers.fused_tables(schema.sparse, opts.rows, opts.dim, table.learning_rate, _TABLE_EPS)
+    dlrm, dlrm_dense = peers.fused_dlrm(tables, len(schema.dense), cfg.model.bottom_mlp, cfg.model.top_mlp)
+    torch.manual_seed(opts.seed)
+    ours = peers.TorchrecTablesModel(tables, build_dense(cfg.model, schema))
+    return {
+        "torchrec_fused": make_step(lambda b: dlrm(b)[0], make_dense_optimizer(cfg, dlrm_dense)),
+        "torchrec_fused_recmem_dense": make_step(
+            lambda b: _bce(ours(b), b), make_dense_optimizer(cfg, list(ours.dense.parameters()))
+        ),
+    }
+
+
+def phases_of(model: CTRModel, cfg: Config, batches: Iterable[Batch], opts: ThroughputOptions) -> PhaseTimes:
+    """``model``'s step cut into phases, alternating with whole steps (``recmem/bench/phases.py``)."""
+    optimizer = make_dense_optimizer(cfg, list(model.dense.parameters()))
+    whole = make_step(lambda b: _bce(model(b), b), optimizer)
+    return measure_phases(model, optimizer, whole, batches, CLOCKS[opts.clock], opts.max_seconds)
+
+
 def bench_config(opts: ThroughputOptions) -> Config:
     """recmem's default training config at the benchmark's sizes (dense Adagrad, table and dense lr)."""
     cfg = Config()
@@ -277,15 +321,21 @@ def once(step: Step | None, batches: Iterable[Batch], opts: ThroughputOptions) -
     return timing
 
 
-def run_throughput(opts: ThroughputOptions, workdir: Path) -> dict[str, Timing]:
-    """Measure every variant (see the module docstring) in this process.
+@dataclass
+class Measured:
+    """One run's figures: a :class:`Timing` per variant key, and the phases of recmem's step per
+    precision (``fp32``, ``bf16``)."""
+
+    timings: dict[str, Timing]
+    phases: dict[str, PhaseTimes]
+
+
+def run_throughput(opts: ThroughputOptions, workdir: Path) -> Measured:
+    """Measure every variant (see the module docstring) and recmem's step phases in this process.
 
     Args:
         opts: sizes.
         workdir: an empty scratch directory (Parquet data, the process group's file store).
-
-    Returns:
-        Timing per variant key.
     """
     cfg, schema = bench_config(opts), schema_for(opts)
     rows = synthetic_rows(opts, schema)
@@ -293,10 +343,13 @@ def run_throughput(opts: ThroughputOptions, workdir: Path) -> dict[str, Timing]:
     batches = [collate(rows.slice(i, opts.batch), schema) for i in range(0, rows.num_rows, opts.batch)]
     with peers.single_process_group(workdir):
         model = recmem_model(opts, schema, cfg)
+        bf16 = CTRModel(model.tables, model.dense, bf16=True)
         steps = {
             "recmem_fp32": recmem_step(model, cfg),
-            "recmem_bf16": recmem_step(CTRModel(model.tables, model.dense, bf16=True), cfg),
+            "recmem_bf16": recmem_step(bf16, cfg),
+            "recmem_torchrec_interaction": torchrec_interaction_step(model, opts, schema, cfg),
             "torchrec_dmp": torchrec_step(opts, schema, cfg, sharded=True),
+            **fused_steps(opts, schema, cfg),
             "dense_fp32": dense_step(opts, schema, cfg, bf16=False),
             "dense_bf16": dense_step(opts, schema, cfg, bf16=True),
         }
@@ -309,9 +362,11 @@ def run_throughput(opts: ThroughputOptions, workdir: Path) -> dict[str, Timing]:
 
     timings["parquet_pipeline"] = once(None, parquet(), opts)
     timings["recmem_parquet_fp32"] = once(recmem_step(model, cfg), parquet(), opts)
-    del model
+    phases = {name: phases_of(m, cfg, cycle(batches, 0, opts.steps), opts) for name, m in
+              (("fp32", model), ("bf16", bf16))}
+    del model, bf16
     gc.collect()
     naive = torchrec_step(opts, schema, cfg, sharded=False)
     naive(batches[0])  # warm-up
     timings["torchrec_naive"] = once(naive, cycle(batches, 1, opts.naive_steps), opts)
-    return timings
+    return Measured(timings, phases)
