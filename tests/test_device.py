@@ -58,7 +58,8 @@ def test_the_note_says_which_precision_was_taken_and_why():
         "recmem: dense layers in bf16 (train.precision=auto: this CPU runs bf16 natively)")
     assert "fp32 (train.precision=auto: this GPU has no native bf16)" in precision_note(
         TrainConfig(device="cuda"), "fp32")
-    assert precision_note(TrainConfig(precision="fp32"), "fp32") == "recmem: dense layers in fp32 (train.precision=fp32)"
+    explicit = precision_note(TrainConfig(precision="fp32"), "fp32")
+    assert explicit == "recmem: dense layers in fp32 (train.precision=fp32)"
 
 
 @pytest.mark.parametrize("native", [True, False])
