@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/recmem quickstart --config jobs/configs/quickstart.yaml
 
+# The tests run as on a new machine: HOME, XDG folders and TMPDIR in a fresh empty folder, and the
+# run fails if it leaves a process or a file behind (tests/run_isolated.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python tests/run_isolated.py -q -x --durations=15
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db data/synthetic
