@@ -1,7 +1,11 @@
-"""Shared fixtures: tiny Parquet data roots that a model can learn from in seconds."""
+"""Shared fixtures: tiny Parquet data roots that a model can learn from in seconds, and the test run's
+one local Ray."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +76,37 @@ def tiny_config(root: Path, workdir: Path, *overrides: str):
         f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
     ]
     return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory) -> str:
+    """One local Ray for the whole test run, started on first use; yields its job server address.
+
+    Shared because starting Ray costs seconds and every test that trains on Ray would otherwise start
+    its own; ``train_ray`` and ``evaluate_ray`` find it running and leave it so. It authenticates
+    with a token made for this run (``RAY_AUTH_TOKEN_PATH``): the Ray CLI and submitted jobs read it
+    from there, and nothing is written to or read from ``~/.ray``. Its dashboard takes
+    ``ray job submit``; a job's ``python`` is this environment's, as for a user with the venv
+    activated (``make test`` runs ``.venv/bin/python`` without ``.venv/bin`` on the ``PATH``).
+    """
+    import ray
+
+    from tests.ranks import free_port
+
+    token = tmp_path_factory.mktemp("ray_auth") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    with pytest.MonkeyPatch.context() as env:
+        # Token authentication is what a new local Ray turns on when no RAY_AUTH_MODE is set (and
+        # turning it on there refreshes Ray's cached settings in this process, which setting the
+        # variable here would not).
+        env.delenv("RAY_AUTH_MODE", raising=False)
+        env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        env.delenv("RAY_ADDRESS", raising=False)
+        env.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        context = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=free_port())
+        try:
+            yield f"http://{context.dashboard_url}"
+        finally:
+            ray.shutdown()
+

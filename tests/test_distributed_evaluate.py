@@ -87,9 +87,10 @@ def test_no_checkpoint_names_the_storage_the_run_and_the_runs_there(tmp_path):
         evaluate_ray(cfg)
     assert "runs with checkpoints" not in str(e.value)
     _checkpoint(storage / "mine-20250101-000000", "checkpoint_0", 16, range(2))
+    running = ray.is_initialized()  # another test's Ray may be up: this call must start none
     with pytest.raises(FileNotFoundError, match="runs with checkpoints there: mine-20250101-000000"):
         evaluate_ray(cfg)
-    assert not ray.is_initialized(), "nothing to evaluate: no Ray started"
+    assert ray.is_initialized() == running, "nothing to evaluate: no Ray started"
 
 
 def test_cli_evaluates_on_ray_by_default(tmp_path, capsys):

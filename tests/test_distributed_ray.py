@@ -43,14 +43,7 @@ def reference(root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def two_workers(root, local_ray, tmp_path_factory):
+def two_workers(root, ray_cluster, tmp_path_factory):
     """(config, result) of a 2-worker run; TorchRec's planner shards the tables (ray.sharding=auto)."""
     cfg = tiny_config(root, tmp_path_factory.mktemp("two_workers"), *COMMON)
     return cfg, train_ray(cfg)
@@ -111,7 +104,7 @@ def _latest_checkpoint_step(run_dir: Path) -> int | None:
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_its_checkpoint(root, reference, local_ray, tmp_path):
+def test_killed_worker_resumes_from_its_checkpoint(root, reference, ray_cluster, tmp_path):
     """ID-sharded tables (ray.sharding=id); SIGKILL to a worker once the first checkpoint exists."""
     cfg = tiny_config(root, tmp_path, *COMMON, "ray.sharding=id", "train.checkpoint_every=4", "ray.max_failures=2")
     outcome: dict = {}
@@ -142,7 +135,7 @@ def test_killed_worker_resumes_from_its_checkpoint(root, reference, local_ray, t
 
 
 @pytest.mark.slow
-def test_corrupt_shard_resumes_from_the_checkpoint_before(root, reference, local_ray, tmp_path):
+def test_corrupt_shard_resumes_from_the_checkpoint_before(root, reference, ray_cluster, tmp_path):
     """A run stopped at step 10 (checkpoints of steps 8 and 10 kept); rank 1's shard of step 10 turned to
     garbage; `recmem evaluate` scores step 8, and the same job submitted again resumes from step 8 (no
     retry needed) and ends as if uninterrupted."""
@@ -172,7 +165,7 @@ def test_driver_imports_no_torchrec():
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_ADDRESS": ""}).returncode == 0
 
 
-def test_cuda_workers_on_a_cluster_without_gpus_are_refused(root, local_ray, tmp_path):
+def test_cuda_workers_on_a_cluster_without_gpus_are_refused(root, ray_cluster, tmp_path):
     """Ray would otherwise wait forever for GPUs the cluster does not have."""
     if ray.cluster_resources().get("GPU", 0) >= 2:
         pytest.skip("this Ray cluster has GPUs")
