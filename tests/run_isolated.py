@@ -89,15 +89,16 @@ def pointer_state() -> tuple[float, str] | None:
         return None
 
 
-def main(args: list[str]) -> int:
-    """Run ``pytest args`` isolated; its exit status, or 1 if it passed but left something behind."""
+def main(args: list[str], grace: float = 20.0) -> int:
+    """Run ``pytest args`` isolated; its exit status, or 1 if it passed but left something behind
+    (a process still alive ``grace`` seconds after pytest ended, a file, a changed Ray pointer)."""
     folder = Path(tempfile.mkdtemp(prefix="recmem-test-"))
     try:
         env = isolated_env(folder)
         before, pointer = repository_files(), pointer_state()
         status = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=REPO, env=env).returncode
         problems = []
-        for pid, command in leftover_processes(env["HOME"]):
+        for pid, command in leftover_processes(env["HOME"], grace):
             problems.append(f"process {pid} still running (killed): {command}")
             try:
                 os.kill(pid, signal.SIGKILL)
