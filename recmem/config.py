@@ -179,12 +179,18 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow. Empty ``tracking_uri`` means ``MLFLOW_TRACKING_URI`` or the local SQLite store."""
+    """MLflow. Empty ``tracking_uri`` means ``MLFLOW_TRACKING_URI`` or the local SQLite store.
+
+    ``verbose`` lets the libraries' own console output through, for debugging: Ray's, Ray Train's and
+    Ray Data's logs and progress bars, fbgemm's and torchrec's logs, MLflow's, library warnings. Off,
+    a run prints recmem's progress, its MLflow run and its summary, and whatever goes wrong.
+    """
 
     tracking_uri: str = ""
     experiment: str = "recmem"
     run_name: str = ""
     enabled: bool = True
+    verbose: bool = False
 
 
 @dataclass

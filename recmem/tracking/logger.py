@@ -2,17 +2,72 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
+import sys
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
+from tqdm import tqdm
 
 from recmem.config import Config, to_dict
+
+STEP_TAG = "recmem.step"
+"""Run tag: the step of the run's latest metrics, which a driver follows to show its workers' progress."""
+
+_QUIET_LEVELS = {
+    "mlflow": logging.WARNING,  # "Creating initial MLflow database tables...", per new store
+    "alembic": logging.WARNING,
+    "matplotlib": logging.WARNING,  # "generated new fontManager", on a machine's first plot
+    "fbgemm_gpu": logging.WARNING,
+    # INFO: each planner decision; WARNING: notes on how recmem builds its plans, not on the run.
+    "torchrec": logging.ERROR,
+    "torch.fx._symbolic_trace": logging.ERROR,  # a note to torchrec's authors on each first forward
+    # The local instance's default: token auth on, and how to opt out. recmem started that instance.
+    "ray._private.authentication": logging.ERROR,
+}
+_QUIET_PACKAGES = ("fbgemm_gpu", "torchrec", "ray")
+
+
+class _LibraryInfoFilter(logging.Filter):
+    """Drops records below WARNING logged from inside the given package folders.
+
+    Levels cannot stop these: fbgemm logs with the root logger itself (``logging.info``: each TBE's
+    arguments, "Successfully loaded: ..." per library it loads) and Ray Train's worker with a logger
+    named after its file ("Reporting training result ..."). On Ray Train workers the root logger's
+    console handler prints them (as it prints ``print``, which Ray Train routes through it).
+    """
+
+    def __init__(self, folders: list[str]) -> None:
+        super().__init__()
+        self.folders = tuple(folders)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not os.path.abspath(record.pathname).startswith(self.folders)
+
+
+def quiet_libraries() -> None:
+    """Turn this process's library chatter off (``tracking.verbose: false``): the INFO logs of
+    MLflow, fbgemm, torchrec, Ray and matplotlib, torchrec's warnings, and the Python warnings raised
+    from inside torch, torchrec, fbgemm, MLflow and Ray (deprecations one library owes another).
+    Warnings attributed to recmem's code, and every error, still show. Idempotent."""
+    for name, level in _QUIET_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
+    folders = [f"{folder}{os.sep}" for name in _QUIET_PACKAGES if (spec := importlib.util.find_spec(name))
+               for folder in spec.submodule_search_locations or ()]
+    root = logging.getLogger()
+    for target in (root, *root.handlers):
+        if not any(isinstance(f, _LibraryInfoFilter) for f in target.filters):
+            target.addFilter(_LibraryInfoFilter(folders))
+    warnings.filterwarnings("ignore", module=r"(torch|torchrec|fbgemm_gpu|mlflow|ray)(\.|$)")
 
 
 def default_tracking_uri(workdir: str | Path) -> str:
@@ -106,7 +161,7 @@ class RunLogger:
         if self.enabled:
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
-            self._client.log_batch(self.run_id, metrics=batch)
+            self._client.log_batch(self.run_id, metrics=batch, tags=[RunTag(STEP_TAG, str(step))])
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log extra params (e.g. the sharding plan)."""
@@ -132,7 +187,106 @@ class RunLogger:
         """Where to find the run: its id and tracking store."""
         return f"run {self.run_id} in {self.tracking_uri}" if self.enabled else "tracking disabled"
 
+    @contextmanager
+    def following(self, show: bool = True, stream: IO[str] | None = None, poll_s: float = 1.0,
+                  line_every_s: float = 30.0) -> Iterator[None]:
+        """While the block runs, show the progress that other processes log into this run (the Ray
+        driver follows its rank-0 worker): see :class:`ProgressView`. Nothing when ``show`` is False
+        or tracking is off.
+
+        Args:
+            show: draw at all (``train.progress``).
+            stream: where to draw; default ``sys.stderr``.
+            poll_s: seconds between reads of the run.
+            line_every_s: on a stream that is not a terminal, seconds between progress lines.
+        """
+        if not (show and self.enabled):
+            yield
+            return
+        view = ProgressView(stream or sys.stderr, line_every_s)
+        stop = threading.Event()
+
+        def poll() -> None:
+            run = self._client.get_run(self.run_id)
+            if STEP_TAG in run.data.tags:
+                view.update(int(run.data.tags[STEP_TAG]), run.data.metrics)
+
+        def follow() -> None:
+            while not stop.wait(poll_s):
+                # A read that fails (a store busy with the workers' writes) only delays the view.
+                with suppress(Exception):
+                    poll()
+
+        thread = threading.Thread(target=follow, name="recmem-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            with suppress(Exception):
+                poll()
+            view.close()
+
     def close(self, status: str = "FINISHED") -> None:
         """End the run this logger started (a parent run stays active)."""
         if self.enabled and self._mlflow.active_run() and self._mlflow.active_run().info.run_id == self.run_id:
             self._mlflow.end_run(status)
+
+
+class ProgressView:
+    """A training job's progress on the console, fed the step and latest metrics of its run.
+
+    On a terminal: a live line (step, time, loss, samples/s, validation AUC). Elsewhere (a log
+    file, CI), where each redraw of a bar would be a line of its own: one line at each new
+    validation and otherwise at most one every ``line_every_s`` seconds, plus the last step on close.
+
+    Args:
+        stream: where to write.
+        line_every_s: seconds between progress lines when ``stream`` is not a terminal.
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(self, stream: IO[str], line_every_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream, self.line_every_s, self.clock = stream, line_every_s, clock
+        self.start = self.last_line = clock()
+        self.step, self.printed_step, self.metrics = 0, 0, {}
+        is_tty = getattr(stream, "isatty", lambda: False)()
+        # Redrawn on each update (they come at most once a poll), and on each poll for the clock. No
+        # rate of its own: steps arrive in jumps of train.log_every; the workers' samples/s is exact.
+        self.bar = tqdm(desc="train", file=stream, dynamic_ncols=True, mininterval=0, miniters=1,
+                        bar_format="{desc}: step {n_fmt} [{elapsed}{postfix}]") if is_tty else None
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        """The run is at ``step`` with these latest metrics (``train/loss``, ``valid/auc``, ...)."""
+        new_validation = metrics.get("valid/auc") != self.metrics.get("valid/auc")
+        self.step, self.metrics = step, dict(metrics)
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._summary(), refresh=False)
+            if step > self.bar.n:
+                self.bar.update(step - self.bar.n)
+            else:
+                self.bar.refresh()
+        elif step > self.printed_step and (new_validation or self.clock() - self.last_line >= self.line_every_s):
+            self._line()
+
+    def close(self) -> None:
+        """Finish the bar, or write the last step's line if it has none yet."""
+        if self.bar is not None:
+            self.bar.close()
+        elif self.step > self.printed_step:
+            self._line()
+
+    def _summary(self) -> str:
+        m = self.metrics
+        parts = [f"loss {m['train/loss']:.4f}" if "train/loss" in m else "",
+                 f"{m['train/samples_per_second']:,.0f} samples/s" if "train/samples_per_second" in m else "",
+                 f"valid AUC {m['valid/auc']:.4f}" if "valid/auc" in m else ""]
+        return ", ".join(p for p in parts if p)
+
+    def _line(self) -> None:
+        elapsed = tqdm.format_interval(self.clock() - self.start)
+        summary = ", ".join(p for p in (f"step {self.step}", self._summary()) if p)
+        print(f"train: {summary} ({elapsed})", file=self.stream, flush=True)
+        self.printed_step, self.last_line = self.step, self.clock()

@@ -61,8 +61,10 @@ def build_datasets(cfg: Config, world_size: int, splits: tuple[str, ...] = SPLIT
     import ray.data
 
     rows = local_batch_size(cfg, world_size)
-    # Captured by the datasets: their executions (on the cluster) draw bars only when asked to.
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.train.progress
+    # Captured by the datasets: their executions (on the cluster) draw bars and announce themselves
+    # only when asked to. Training progress is recmem's own bar; these are for debugging.
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = cfg.tracking.verbose
     out = {}
     for split in splits:
         fs, paths = _part_files(cfg.data.root, split)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import posixpath
 import time
@@ -24,6 +25,9 @@ from recmem.tracking.logger import RunLogger, default_tracking_uri
 
 _RUN_FILE = "recmem_run.json"
 """Beside Ray's checkpoints of a run: the MLflow run it logs into, so a resubmitted job continues it."""
+
+_QUIET_RAY_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR"}
+"""Set in this job's Ray processes unless ``tracking.verbose`` (see :func:`_init_ray`)."""
 
 
 @dataclass
@@ -65,7 +69,10 @@ def train_ray(cfg: Config) -> RayTrainResult:
         try:
             datasets = build_datasets(cfg, cfg.ray.num_workers)
             payload = {"config": cfg, "run_id": log.run_id}
-            result = _trainer(cfg, storage, name, datasets, train_worker, payload).fit()
+            # The workers' rank 0 logs into the run; a bar drawn on a worker would reach this console
+            # through Ray's log forwarding as one line per redraw, so this process draws it.
+            with log.following(cfg.train.progress):
+                result = _trainer(cfg, storage, name, datasets, train_worker, payload).fit()
         except BaseException:
             log.close("FAILED")
             raise
@@ -145,17 +152,34 @@ def resolve_paths(cfg: Config) -> Config:
 
 
 def _init_ray(cfg: Config) -> bool:
-    """Connect to or start Ray; True when this call started it."""
+    """Connect to or start Ray; True when this call started it.
+
+    Unless ``tracking.verbose``, this job's Ray processes keep their chatter to themselves: this
+    driver logs Ray's warnings and errors only, and Ray Data its errors (not a line per dataset
+    pass, nor a warning that its bars are off). Workers' output still reaches this console
+    (``log_to_driver``), so their errors and warnings do; the workers quiet their own libraries (see
+    ``worker.py``). A variable already in this process's environment (``RAY_DATA_LOG_LEVEL=INFO``)
+    wins over these.
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    env = {} if cfg.tracking.verbose else dict(_QUIET_RAY_ENV)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        # Nothing preempts this machine's own instance: Ray Train's watcher for it would only cost
+        # an actor, and the C++ error line its start logs.
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    env = {k: v for k, v in env.items() if k not in os.environ}
+    settings = {"runtime_env": {"env_vars": env}} if env else {}
+    if not cfg.tracking.verbose:
+        settings["logging_level"] = logging.WARNING
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **settings)
     else:
         # "local": always a new instance, never a cluster another `ray start` left on this machine.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, **settings)
     return True
 
 
@@ -244,7 +268,9 @@ def _trainer(cfg: Config, storage: str, name: str, datasets: dict, loop: Callabl
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (worker group start, each checkpoint and report) unless verbose.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.tracking.verbose else "WARNING")),
         datasets=datasets,
         # Order kept and no locality preference: the deal of blocks to workers depends on the data
         # alone (see data.py), which is what makes resume exact and W workers equal to one.

@@ -9,6 +9,7 @@ torch or torchrec is imported inside it, on the worker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -26,12 +27,15 @@ def train_worker(payload: dict[str, Any]) -> None:
         payload: ``{"config": Config, "run_id": str | None}`` from the driver; the config's paths are
             already absolute and ``run_id`` is the MLflow run the driver opened.
     """
+    cfg = payload["config"]
+    _quiet_libraries(cfg)
     from recmem.train.distributed.data import shard_source
     from recmem.train.distributed.store import RayCheckpoints
     from recmem.train.distributed.traffic import TrafficMeter
     from recmem.train.loop import train
 
-    cfg = payload["config"]
+    # The driver draws the progress bar from the MLflow run (``RunLogger.following``).
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
     rank, world_size, model, plan = _worker_model(cfg)
     with contextlib.ExitStack() as scope:
         meter = scope.enter_context(TrafficMeter(model)) if cfg.ray.measure_traffic else None
@@ -52,13 +56,14 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
             complete checkpoint that loads on every rank is scored (a corrupt one is skipped, as on
             resume); its step is reported with the metrics.
     """
+    cfg, split = payload["config"], payload["split"]
+    _quiet_libraries(cfg)
     import ray.train
 
     from recmem.train.distributed.data import shard_source
     from recmem.train.distributed.store import RayCheckpoints
     from recmem.train.loop import evaluate
 
-    cfg, split = payload["config"], payload["split"]
     rank, world_size, model, plan = _worker_model(cfg)
     state = RayCheckpoints(rank, world_size, plan).load_newest(*payload["run"])
     model.load_state_dict(state["model"])
@@ -72,6 +77,15 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
             (Path(folder) / "evaluation.json").write_text(json.dumps(scored, indent=2))
             record = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=record)
+
+
+def _quiet_libraries(cfg: Config) -> None:
+    """Turn this worker's library chatter off unless ``tracking.verbose``: the first thing a worker
+    does, before fbgemm's import logs a line per library it loads."""
+    from recmem.tracking.logger import quiet_libraries
+
+    if not cfg.tracking.verbose:
+        quiet_libraries()
 
 
 def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
