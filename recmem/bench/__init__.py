@@ -1,7 +1,8 @@
 """Benchmarks: one module per benchmark, each run by a thin entry point in ``jobs/``.
 
 - ``throughput.py`` (``jobs/bench_train.py``): recmem's training step against torchrec's, with
-  the peers in ``peers.py``.
+  the peers in ``peers.py``, recmem's step cut into phases by ``phases.py``, and the output written
+  by ``throughput_report.py``.
 - ``collisionless_map.py`` (``jobs/bench_collisionless.py``): the collisionless ID -> row map
   against a dict and torchrec's MCH.
 - ``collisionless_train.py`` (``jobs/bench_collisionless_train.py``): training on collisionless
