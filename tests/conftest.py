@@ -73,6 +73,9 @@ def tiny_config(root: Path, workdir: Path, *overrides: str):
         f"data.schema.dense={schema.dense}", f"data.schema.sparse={schema.sparse}",
         "model.bottom_mlp=[32,8]", "model.top_mlp=[32,1]", "model.tables.0.embedding_dim=8",
         "train.progress=false", "train.learning_rate=0.05", "train.log_every=5",
+        # fp32 whatever the CPU: train.precision=auto would take bf16 on some test machines and not
+        # others, and the parity bounds of the tests are fp32's.
+        "train.precision=fp32",
         f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
     ]
     return load_config(None, base + list(overrides))
