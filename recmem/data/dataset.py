@@ -7,8 +7,7 @@ to its batch without reading, let alone collating, the data before it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 from recmem.config import SchemaConfig
 from recmem.data.batch import Batch
 from recmem.data.collate import collate
-from recmem.data.layout import DataError, count_rows, part_files
+from recmem.data.layout import SplitIndex, count_rows, index_split
 
 
 def num_batches(root: Path, split: str, batch_size: int, *, drop_last: bool, rank: int = 0, world_size: int = 1) -> int:
@@ -27,7 +26,7 @@ def num_batches(root: Path, split: str, batch_size: int, *, drop_last: bool, ran
 
 
 def iter_batches(
-    root: Path,
+    root: str | Path,
     split: str,
     schema: SchemaConfig,
     batch_size: int,
@@ -44,7 +43,7 @@ def iter_batches(
     disjoint shares that together cover it (their counts differ by at most one).
 
     Args:
-        root: the data root.
+        root: the data root (a local folder or a pyarrow filesystem URI).
         split: ``"train"`` or ``"valid"``.
         schema: the column roles.
         batch_size: rows per batch (B).
@@ -68,14 +67,36 @@ def iter_batches(
     if batch_size < 1 or not 0 <= rank < world_size or start_batch < 0:
         raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size, start_batch >= 0; got "
                          f"{batch_size=}, {rank=}, {world_size=}, {start_batch=}")
-    groups, columns = _row_groups(part_files(root, split), schema)
-    order = np.arange(len(groups))
+    index = index_split(root, split, schema)
+    rows = index.rows
+    ranges = [(i * batch_size, min((i + 1) * batch_size, rows))
+              for i in _batch_indices(rows, batch_size, drop_last, start_batch, rank, world_size)]
+    yield from read_ranges(index, schema, ranges, shuffle_seed)
+
+
+def read_ranges(index: SplitIndex, schema: SchemaConfig, ranges: Iterable[tuple[int, int]],
+                shuffle_seed: int | None = None) -> Iterator[Batch]:
+    """One Batch per ``(begin, end)`` row range of the split ``index`` describes, in the order given.
+
+    Row ``n`` is the ``n``-th of the split in reading order (part files in order, row groups in
+    order), or of its shuffled order under ``shuffle_seed`` (see :func:`iter_batches`). Only the row
+    groups that a range overlaps are read, each once for consecutive ranges that share it.
+
+    Args:
+        index: the split, from :func:`~recmem.data.layout.index_split`.
+        schema: the column roles.
+        ranges: half-open row ranges, each non-empty and within the split.
+        shuffle_seed: None for the split's own order, else the seed of its shuffled order.
+
+    Yields:
+        Batches of ``end - begin`` rows each.
+    """
+    order = np.arange(len(index.groups))
     if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(len(groups))
-    starts = np.concatenate([[0], np.cumsum([groups[g].rows for g in order])])  # [G + 1]
-    reader = _GroupReader(groups, columns, shuffle_seed)
-    for index in _batch_indices(int(starts[-1]), batch_size, drop_last, start_batch, rank, world_size):
-        begin, end = index * batch_size, min((index + 1) * batch_size, int(starts[-1]))
+        order = np.random.default_rng(shuffle_seed).permutation(len(index.groups))
+    starts = np.concatenate([[0], np.cumsum([index.groups[g][2] for g in order])])  # [G + 1]
+    reader = _GroupReader(index, shuffle_seed)
+    for begin, end in ranges:
         pieces = []
         position = int(np.searchsorted(starts, begin, side="right")) - 1
         while begin < end:
@@ -94,50 +115,24 @@ def _batch_indices(rows: int, batch_size: int, drop_last: bool, start_batch: int
     return range(rank + start_batch * world_size, total, world_size)
 
 
-@dataclass(frozen=True)
-class _RowGroup:
-    path: Path
-    index: int
-    rows: int
-
-
-def _row_groups(files: list[Path], schema: SchemaConfig) -> tuple[list[_RowGroup], list[str]]:
-    """Every row group of the split in file order, and the columns to read (checked in every file).
-
-    ``event_time`` / ``true_prob`` are read when the first part has them; then every part must.
-    """
-    first = pq.read_schema(files[0]).names
-    optional = [c for c in (schema.event_time, schema.true_prob) if c is not None and c in first]
-    columns = [schema.label, *schema.dense, *schema.sparse, *optional]
-    groups = []
-    for path in files:
-        meta = pq.read_metadata(path)
-        names = set(meta.schema.names)
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise DataError(f"{path}: column {missing[0]!r} of the schema is missing (columns: {sorted(names)})")
-        groups.extend(_RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
-    return groups, columns
-
-
 class _GroupReader:
     """Reads one row group at a time, keeping the last one: consecutive batches mostly share it."""
 
-    def __init__(self, groups: list[_RowGroup], columns: list[str], shuffle_seed: int | None) -> None:
-        self.groups = groups
-        self.columns = columns
+    def __init__(self, index: SplitIndex, shuffle_seed: int | None) -> None:
+        self.index = index
         self.shuffle_seed = shuffle_seed
+        self._fs = index.filesystem()
         self._cached: tuple[int, pa.Table] | None = None
-        self._file: tuple[Path, pq.ParquetFile] | None = None
+        self._file: tuple[int, pq.ParquetFile] | None = None
 
     def read(self, group_id: int) -> pa.Table:
         """The rows of group ``group_id`` (in its shuffled order when a seed is set)."""
         if self._cached is not None and self._cached[0] == group_id:
             return self._cached[1]
-        group = self.groups[group_id]
-        if self._file is None or self._file[0] != group.path:
-            self._file = (group.path, pq.ParquetFile(group.path))
-        table = self._file[1].read_row_group(group.index, columns=self.columns)
+        part, group, _ = self.index.groups[group_id]
+        if self._file is None or self._file[0] != part:
+            self._file = (part, pq.ParquetFile(self.index.paths[part], filesystem=self._fs))
+        table = self._file[1].read_row_group(group, columns=list(self.index.columns))
         if self.shuffle_seed is not None:
             # Seeded by (seed, group) so the permutation does not depend on which groups were skipped.
             table = table.take(np.random.default_rng([self.shuffle_seed, group_id]).permutation(table.num_rows))

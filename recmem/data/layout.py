@@ -1,17 +1,23 @@
 """recmem's Parquet layout on disk: where a split's part files are, how they are written and counted.
 
 A data root holds ``train/part-00000.parquet, part-00001.parquet, ...``, ``valid/part-*.parquet``
-and ``stats/``. This module needs only pyarrow, so the data preparation commands and a Ray driver can
-use it without importing torch (reading Batches lives in :mod:`recmem.data.dataset`).
+and ``stats/``, on a local disk or any pyarrow filesystem (``s3://bucket/data``). This module needs
+only pyarrow, so the data preparation commands and a Ray driver can use it without importing torch
+(reading Batches lives in :mod:`recmem.data.dataset`).
 """
 
 from __future__ import annotations
 
+import fnmatch
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
+
+from recmem.config import SchemaConfig
 
 PART_GLOB = "part-*.parquet"
 _CREATE_HINT = (
@@ -92,3 +98,81 @@ def count_rows(root: Path, split: str) -> int:
     return sum(pq.read_metadata(path).num_rows for path in part_files(root, split))
 
 
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """Where a split's rows lie: its part files and their row groups in reading order, from the footers.
+
+    Made without reading any data and small to pickle, so a Ray driver makes it once and every worker
+    reads just its own rows from it.
+
+    Attributes:
+        root: the data root, a local folder or a pyarrow filesystem URI.
+        paths: the split's part files, as paths on ``root``'s filesystem.
+        groups: (index into ``paths``, row group, rows) of every row group, in reading order.
+        columns: what to read: the schema's columns, plus event time and true probability when the
+            first part has them.
+    """
+
+    root: str
+    paths: tuple[str, ...]
+    groups: tuple[tuple[int, int, int], ...]
+    columns: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        """Rows in the split."""
+        return sum(rows for _, _, rows in self.groups)
+
+    def filesystem(self) -> pyarrow.fs.FileSystem:
+        """The filesystem ``paths`` are on."""
+        return _filesystem(self.root)[0]
+
+
+def index_split(root: str | Path, split: str, schema: SchemaConfig) -> SplitIndex:
+    """The :class:`SplitIndex` of ``root``'s ``split`` (local folder or filesystem URI).
+
+    Raises:
+        FileNotFoundError: the root or the split is missing.
+        DataError: a part lacks a column of the schema (naming the column and the file), or lacks
+            the event time / true probability column that the first part has.
+    """
+    fs, paths = split_files(root, split)
+    first = pq.read_schema(paths[0], filesystem=fs).names
+    optional = [c for c in (schema.event_time, schema.true_prob) if c is not None and c in first]
+    columns = [schema.label, *schema.dense, *schema.sparse, *optional]
+    groups = []
+    for i, path in enumerate(paths):
+        meta = pq.read_metadata(path, filesystem=fs)
+        names = set(meta.schema.names)
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(f"{path}: column {missing[0]!r} of the schema is missing (columns: {sorted(names)})")
+        groups.extend((i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+    return SplitIndex(str(root), tuple(paths), tuple(groups), tuple(columns))
+
+
+def split_files(root: str | Path, split: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
+    """The filesystem and part files of ``root``'s ``split``: :func:`part_files` for a local folder,
+    the same listing through pyarrow for a filesystem URI.
+
+    Raises:
+        FileNotFoundError: the root or the split is missing.
+    """
+    fs, folder = _filesystem(str(root))
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return fs, [str(p) for p in part_files(Path(folder), split)]
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{folder}/{split}", allow_not_found=True))
+    paths = sorted(i.path for i in infos if fnmatch.fnmatch(i.base_name, PART_GLOB))
+    if not paths:
+        raise FileNotFoundError(f"{root}/{split}: no {PART_GLOB} files (split {split!r} missing): {_CREATE_HINT}")
+    return fs, paths
+
+
+def _filesystem(root: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(filesystem, path on it) of a local folder or a filesystem URI."""
+    if "://" not in root:
+        return pyarrow.fs.LocalFileSystem(), root
+    fs, folder = pyarrow.fs.FileSystem.from_uri(root.rstrip("/"))
+    return fs, folder
