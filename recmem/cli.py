@@ -91,14 +91,17 @@ def _prepare(cfg: Config) -> int:
 
 
 def _train(cfg: Config) -> int:
+    import psutil
+
+    started_at = psutil.Process().create_time()  # start-up is timed from this process's start
     if cfg.ray.enabled:
         from recmem.train.distributed import train_ray
 
-        result = train_ray(cfg)
+        result = train_ray(cfg, started_at)
     else:
         from recmem.train.local import train_local
 
-        result = train_local(cfg)
+        result = train_local(cfg, started_at)
     _print_result(result.metrics, result.samples_per_second, result.run)
     return 0
 

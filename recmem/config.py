@@ -181,8 +181,8 @@ class TrainConfig:
 class TrackingConfig:
     """MLflow. Empty ``tracking_uri`` means ``MLFLOW_TRACKING_URI`` or the local SQLite store.
 
-    ``verbose`` lets the libraries' own console output through, for debugging: Ray's, Ray Train's and
-    Ray Data's logs and progress bars, fbgemm's and torchrec's logs, MLflow's, library warnings. Off,
+    ``verbose`` lets the libraries' own console output through, for debugging: Ray's and Ray Train's
+    logs, fbgemm's and torchrec's logs, MLflow's, library warnings. Off,
     a run prints recmem's progress, its MLflow run and its summary, and whatever goes wrong.
     """
 
@@ -199,9 +199,10 @@ class RayConfig:
 
     ``enabled: false`` runs the plain single-process loop instead (tests, benchmarks). An empty
     ``address`` means ``RAY_ADDRESS`` when set, else an embedded local Ray with ``num_cpus`` CPUs
-    (0: every core). Each of the ``num_workers`` workers reserves ``cpus_per_worker``; fractions are
-    fine and on small machines needed, since Ray Data must keep CPUs to read with (2 workers of 1 CPU
-    on 2 cores deadlock it). ``torch_threads`` 0 means ``max(1, round(cpus_per_worker))``. Checkpoints
+    (0: every core). Each of the ``num_workers`` workers reserves ``cpus_per_worker`` for Ray's
+    scheduler (fractions pack more workers on a node) and reads its own data (no CPU goes to separate
+    readers). ``torch_threads`` 0 gives each worker its node's cores shared evenly among the workers
+    on that node; the choice is printed and logged as ``ray.torch_threads_used``. Checkpoints
     go to ``storage_path`` (a folder or a pyarrow/fsspec URI such as ``s3://bucket/runs``; empty:
     ``<workdir>/<train.checkpoint_dir>/ray``) under ``run_name``; ``train.resume: false`` starts a
     fresh run name. A failed worker group is restarted from the latest checkpoint up to
@@ -217,7 +218,7 @@ class RayConfig:
     address: str = ""
     num_cpus: int = 0
     num_workers: int = 1
-    cpus_per_worker: float = 0.5
+    cpus_per_worker: float = 1.0
     torch_threads: int = 0
     storage_path: str = ""
     run_name: str = "recmem"

@@ -24,10 +24,11 @@ def local_source(cfg: Config) -> BatchSource:
     return source
 
 
-def train_local(cfg: Config) -> TrainResult:
-    """Train ``cfg`` in this process (a crash marks its MLflow run FAILED)."""
+def train_local(cfg: Config, started_at: float | None = None) -> TrainResult:
+    """Train ``cfg`` in this process (a crash marks its MLflow run FAILED); ``started_at`` (Unix time
+    the command started) turns on the ``startup/*`` metrics."""
     with runs_marked_failed():
-        return train(cfg, local_source(cfg))
+        return train(cfg, local_source(cfg), started_at=started_at)
 
 
 def evaluate_local(cfg: Config, split: str = "valid") -> dict[str, float]:

@@ -69,6 +69,11 @@ def evaluate(model: CTRModel, batches: Iterator[Batch], split: str = "valid") ->
     return acc.compute()
 
 
+def _startup_metrics(started_at: float, marks: dict[str, float]) -> dict[str, float]:
+    """``startup/<mark>_s``: seconds from the command's start to each mark (Unix times)."""
+    return {f"startup/{name}_s": at - started_at for name, at in marks.items()}
+
+
 def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
@@ -84,6 +89,8 @@ def train(
     run_id: str | None = None,
     params: dict[str, str] | None = None,
     extra_metrics: Callable[[], dict[str, float]] | None = None,
+    started_at: float | None = None,
+    marks: dict[str, float] | None = None,
 ) -> TrainResult:
     """Train ``cfg``'s model on ``source`` with periodic validation, checkpoints and resume.
 
@@ -100,6 +107,15 @@ def train(
         run_id: the MLflow run to log into when no checkpoint names one (Ray's driver opens it).
         params: extra MLflow params, e.g. the sharding plan.
         extra_metrics: more metrics to log at each validation (e.g. a traffic meter's ``stats``).
+        started_at: when the command started (Unix time); with it the first step logs
+            ``startup/<mark>_s``, the seconds from then to each of ``marks`` (Unix times of the
+            start-up's phases, e.g. ``ray_ready``) and to ``first_step``.
+        marks: see ``started_at``.
+
+    Besides the loss, the loop reports two rates: ``train/samples_per_second`` counts the steps'
+    own time, ``train/pass_samples_per_second`` the whole training pass, time spent waiting for
+    the next batch included (``train/data_wait_seconds``); validations and checkpoints count in
+    neither.
     """
     t = cfg.train
     model = model or build_job_model(cfg)
@@ -137,12 +153,15 @@ def train(
         return metrics
 
     history: list[dict[str, float]] = []
-    trained, train_seconds, loss_sum, loss_n = 0, 0.0, 0.0, 0
+    trained, train_seconds, data_seconds, loss_sum, loss_n = 0, 0.0, 0.0, 0.0, 0
+    first_step = step
     bar = tqdm(desc="train", unit="batch", disable=not (t.progress and rank == 0), initial=step)
     done = False
     while epoch < t.epochs and not done:
+        fetch = time.perf_counter()
         for batch in source("train", epoch, position):
             tick = time.perf_counter()
+            data_seconds += tick - fetch
             now = batch.max_event_time()
             if now is not None:
                 for table in evictable:
@@ -155,6 +174,10 @@ def train(
             step, position, trained = step + 1, position + 1, trained + len(batch)
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             bar.update()
+            if step == first_step + 1 and started_at is not None:
+                startup = _startup_metrics(started_at, {**(marks or {}), "first_step": time.time()})
+                reported.update(startup)
+                log.log_metrics(startup, step)
             if t.evict_every and step % t.evict_every == 0 and now is not None:
                 for table in evictable:
                     table.evict(now)
@@ -170,6 +193,7 @@ def train(
                 bar.set_postfix(valid_auc=f"{validate().get('valid/auc', float('nan')):.4f}")
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 checkpoint()
+            fetch = time.perf_counter()
             if t.max_steps and step >= t.max_steps:
                 done = True
                 break
@@ -178,9 +202,11 @@ def train(
     bar.close()
     metrics = validate()
     sps = trained * _world_size() / max(train_seconds, 1e-9)  # every worker's rows
-    reported["train/samples_per_second"] = sps
+    rates = {"train/samples_per_second": sps, "train/data_wait_seconds": data_seconds,
+             "train/pass_samples_per_second": trained * _world_size() / max(train_seconds + data_seconds, 1e-9)}
+    reported.update(rates)
     checkpoint()
-    log.log_metrics({"train/samples_per_second": sps}, step)
+    log.log_metrics(rates, step)
     if log.enabled:
         figure = training_curve(history, cfg.tracking.run_name or cfg.model.arch)
         log.log_figure(figure, "training_curve.png")

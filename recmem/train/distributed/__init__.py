@@ -2,7 +2,7 @@
 
 - ``launcher.py``: the driver (``train_ray``, ``evaluate_ray``): Ray, MLflow run, ``TorchTrainer``; no
   torch import.
-- ``data.py``: Ray Data ``read_parquet`` -> one-batch blocks -> a per-worker ``BatchSource``.
+- ``data.py``: the driver's plan of the splits' row groups -> each worker's ``BatchSource`` of its own rows.
 - ``worker.py``: each worker's entry: its model part, then ``train()``.
 - ``plan.py``: how tables are split over workers (the sharding plan).
 - ``dmp.py``: TorchRec ``DistributedModelParallel`` for ``full``/``hash`` tables.

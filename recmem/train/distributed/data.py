@@ -1,33 +1,32 @@
-"""Ray Data in, Batches out: the driver declares the datasets, each worker streams its split of them.
+"""Each Ray Train worker reads its own batches from the Parquet parts, by a plan the driver makes.
 
-The driver reads only Parquet footers: ``read_parquet`` streams the part files in read tasks spread
-over the cluster, ``repartition`` cuts them into blocks of exactly one local batch
-(``data.batch_size / W`` rows), and Ray Train's ``streaming_split`` deals the blocks to the W workers. With order preserved and
-no locality preference, the splitter hands each block to the worker that has received the fewest
-rows, which for equal blocks is round-robin: worker r's step-s batch is block ``s * W + r``. So
+The driver reads only the footers: :func:`plan_splits` lists each split's part files and their row
+groups (a :class:`~recmem.data.layout.SplitIndex`, local folder or filesystem URI) and hands it to
+every worker. Worker r of W then reads, with pyarrow, only its own rows: with global batch B and
+local batch b = B / W, its batch at step s is rows ``[s * B + r * b, s * B + (r + 1) * b)`` of the
+split (:func:`worker_ranges`). So
 
 - the W local batches of step s are exactly rows ``[s * B, (s + 1) * B)``, the batch one worker with
   ``batch_size`` B trains at step s: W workers see the same global batches as one;
-- the deal is a function of the data alone, so a worker resuming at its batch k skips exactly the k
-  batches it trained before (no row trained twice, none skipped);
+- a worker resuming at its batch k skips exactly the k batches it trained before (no row trained
+  twice, none skipped), and reads none of them: the footers say where its next batch starts;
 - every worker gets the same number of batches, which sharded tables need: their exchanges are
-  collective and a worker with one batch more would wait forever.
+  collective and a worker with one batch more would wait forever. Training keeps whole global
+  batches only (as one worker does); validation also splits the last, partial global batch evenly,
+  leaving out its last ``rows mod W`` rows (fewer than W).
 
-Skipped batches are still read (Ray Data cannot seek), but not collated or trained.
+Ray stays the engine (Ray Train starts, places and restarts the workers); Ray Data is not in the
+path: its per-block overhead at one-batch blocks held a worker to about 10k rows/s, where reading
+the row groups directly delivers hundreds of thousands (``BENCHMARKS.md``).
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import pyarrow.fs
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from recmem.config import Config, ConfigError
-from recmem.data.layout import PART_GLOB, part_files
+from recmem.data.layout import SplitIndex, index_split
 
 if TYPE_CHECKING:
     from recmem.data.batch import Batch
@@ -47,74 +46,49 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.data.batch_size // world_size
 
 
-def build_datasets(cfg: Config, world_size: int, splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
-    """The Ray Datasets of ``cfg.data.root``'s ``splits`` (lazy: only footers are read).
-
-    Training keeps whole global batches only (the loop drops a last partial batch anyway): with a
-    number of blocks that divides by W the deal stays round-robin to the very end, where Ray's
-    splitter would otherwise share the leftover blocks out of turn to even the workers' rows.
+def plan_splits(cfg: Config, world_size: int, splits: tuple[str, ...] = SPLITS) -> dict[str, SplitIndex]:
+    """Where the rows of ``cfg.data.root``'s ``splits`` lie (footers only): the workers' reading plan.
 
     Raises:
         FileNotFoundError: the data root or a split is missing.
+        DataError: a part lacks a column of the schema.
         ConfigError: the batch does not split over the workers.
     """
-    import ray.data
-
-    rows = local_batch_size(cfg, world_size)
-    # Captured by the datasets: their executions (on the cluster) draw bars and announce themselves
-    # only when asked to. Training progress is recmem's own bar; these are for debugging.
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = context.print_on_execution_start = cfg.tracking.verbose
-    out = {}
-    for split in splits:
-        fs, paths = _part_files(cfg.data.root, split)
-        dataset = ray.data.read_parquet(paths, filesystem=fs, columns=_columns(cfg, fs, paths[0]))
-        if split == "train":
-            total = sum(pq.read_metadata(path, filesystem=fs).num_rows for path in paths)
-            dataset = dataset.limit(total // cfg.data.batch_size * cfg.data.batch_size)
-        out[split] = dataset.repartition(target_num_rows_per_block=rows, strict=True)
-    return out
+    local_batch_size(cfg, world_size)
+    return {split: index_split(cfg.data.root, split, cfg.data.schema) for split in splits}
 
 
-def _part_files(root: str, split: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
-    """The split's part files in order, on a local disk or any pyarrow filesystem URI."""
-    if "://" not in root:
-        return pyarrow.fs.LocalFileSystem(), [str(p) for p in part_files(Path(root), split)]
-    fs, folder = pyarrow.fs.FileSystem.from_uri(f"{root.rstrip('/')}/{split}")
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
-    paths = sorted(i.path for i in infos if fnmatch.fnmatch(i.base_name, PART_GLOB))
-    if not paths:
-        raise FileNotFoundError(f"{root}/{split}: no {PART_GLOB} files")
-    return fs, paths
+def worker_ranges(rows: int, batch_size: int, world_size: int, rank: int, *, train: bool) -> list[tuple[int, int]]:
+    """The row ranges ``[begin, end)`` of worker ``rank``'s batches, one per step, in order.
 
-
-def _columns(cfg: Config, fs: pyarrow.fs.FileSystem, first: str) -> list[str]:
-    """The schema's columns, plus event time and true probability when the data has them."""
-    schema = cfg.data.schema
-    names = pq.read_schema(first, filesystem=fs).names
-    optional = [c for c in (schema.event_time, schema.true_prob) if c is not None and c in names]
-    return [schema.label, *schema.dense, *schema.sparse, *optional]
-
-
-def shard_source(cfg: Config, world_size: int, splits: tuple[str, ...] = SPLITS):
-    """This worker's :data:`~recmem.train.loop.BatchSource` over its Ray Train dataset shards.
-
-    Call inside a Ray Train worker whose trainer got :func:`build_datasets` of the same ``splits``.
-    Training drops a last partial batch; validation keeps it (every worker has the same rows, so the
-    same batches).
+    Args:
+        rows: rows in the split.
+        batch_size: the global batch B (divisible by ``world_size``).
+        world_size: W.
+        rank: this worker's rank.
+        train: keep whole global batches only; else also share the last partial one out evenly.
     """
-    import ray.train
+    local = batch_size // world_size
+    steps = rows // batch_size
+    ranges = [(s * batch_size + rank * local, s * batch_size + (rank + 1) * local) for s in range(steps)]
+    piece = (rows - steps * batch_size) // world_size
+    if not train and piece:
+        begin = steps * batch_size + rank * piece
+        ranges.append((begin, begin + piece))
+    return ranges
 
-    from recmem.data.collate import collate
 
-    rows = local_batch_size(cfg, world_size)
-    shards = {split: ray.train.get_dataset_shard(split) for split in splits}
+def shard_source(cfg: Config, world_size: int, rank: int, indexes: dict[str, SplitIndex]):
+    """Worker ``rank``'s :data:`~recmem.train.loop.BatchSource` over the splits of ``indexes``.
+
+    Every epoch reads the split in the same order; ``start_batch`` skips that many of this worker's
+    batches without reading them.
+    """
+    from recmem.data.dataset import read_ranges
 
     def source(split: str, epoch: int, start_batch: int) -> Iterator[Batch]:
-        tables = shards[split].iter_batches(
-            batch_size=rows, batch_format="pyarrow", drop_last=split == "train", prefetch_batches=1)
-        for i, table in enumerate(tables):
-            if i >= start_batch:
-                yield collate(table, cfg.data.schema)
+        index = indexes[split]
+        ranges = worker_ranges(index.rows, cfg.data.batch_size, world_size, rank, train=split == "train")
+        return read_ranges(index, cfg.data.schema, ranges[start_batch:])
 
     return source

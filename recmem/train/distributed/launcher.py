@@ -26,9 +26,6 @@ from recmem.tracking.logger import RunLogger, default_tracking_uri
 _RUN_FILE = "recmem_run.json"
 """Beside Ray's checkpoints of a run: the MLflow run it logs into, so a resubmitted job continues it."""
 
-_QUIET_RAY_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR"}
-"""Set in this job's Ray processes unless ``tracking.verbose`` (see :func:`_init_ray`)."""
-
 
 @dataclass
 class RayTrainResult:
@@ -41,13 +38,15 @@ class RayTrainResult:
     checkpoint: str
 
 
-def train_ray(cfg: Config) -> RayTrainResult:
-    """Train ``cfg`` on Ray: ``ray.num_workers`` Ray Train workers fed by Ray Data.
+def train_ray(cfg: Config, started_at: float | None = None) -> RayTrainResult:
+    """Train ``cfg`` on Ray: ``ray.num_workers`` Ray Train workers, each reading its share of the data.
 
     Connects to ``ray.address`` / ``RAY_ADDRESS`` or starts an embedded local Ray (shut down again
     afterwards; a Ray the caller already started is left running). A failed worker group restarts
     from the latest checkpoint up to ``ray.max_failures`` times; running the same job again (same
     ``ray.run_name`` and storage, ``train.resume``) continues from it and into the same MLflow run.
+    ``started_at`` (Unix time the command started) turns on the ``startup/*`` metrics: seconds to
+    Ray ready, the MLflow run open, the workers started, their model built, the first step.
 
     Raises:
         ConfigError: a config the workers cannot split (e.g. a batch that does not divide), or
@@ -56,23 +55,25 @@ def train_ray(cfg: Config) -> RayTrainResult:
     """
     import ray
 
-    from recmem.train.distributed.data import build_datasets
+    from recmem.train.distributed.data import plan_splits
     from recmem.train.distributed.worker import train_worker
 
     cfg = resolve_paths(cfg)
+    data = plan_splits(cfg, cfg.ray.num_workers)  # a missing split fails here, before Ray starts
     started = _init_ray(cfg)
+    marks = {"ray_ready": time.time()}
     try:
         _check_gpus(cfg)
         storage, name = _storage(cfg)
         log = RunLogger(cfg, run_id=_previous_run(storage, name) if cfg.train.resume else None)
         _remember_run(storage, name, log.run_id)
+        marks["mlflow_ready"] = time.time()
         try:
-            datasets = build_datasets(cfg, cfg.ray.num_workers)
-            payload = {"config": cfg, "run_id": log.run_id}
+            payload = {"config": cfg, "run_id": log.run_id, "data": data, "started_at": started_at, "marks": marks}
             # The workers' rank 0 logs into the run; a bar drawn on a worker would reach this console
             # through Ray's log forwarding as one line per redraw, so this process draws it.
             with log.following(cfg.train.progress):
-                result = _trainer(cfg, storage, name, datasets, train_worker, payload).fit()
+                result = _trainer(cfg, storage, name, train_worker, payload).fit()
         except BaseException:
             log.close("FAILED")
             raise
@@ -109,7 +110,7 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
     """
     import ray
 
-    from recmem.train.distributed.data import build_datasets
+    from recmem.train.distributed.data import plan_splits
     from recmem.train.distributed.store import latest_checkpoint
     from recmem.train.distributed.worker import evaluate_worker
 
@@ -125,12 +126,12 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
                       f"not ray.num_workers={cfg.ray.num_workers}", stacklevel=2)
     # No retries: a plan that does not match fails the same way every time.
     cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_workers=workers, max_failures=0))
+    data = plan_splits(cfg, workers, (split,))
     started = _init_ray(cfg)
     try:
         _check_gpus(cfg)
-        datasets = build_datasets(cfg, workers, (split,))
-        payload = {"config": cfg, "run": (fs, posixpath.dirname(folder.rstrip("/"))), "split": split}
-        trainer = _trainer(cfg, storage, f"{name}-evaluate-{time.strftime('%Y%m%d-%H%M%S')}", datasets,
+        payload = {"config": cfg, "run": (fs, posixpath.dirname(folder.rstrip("/"))), "split": split, "data": data}
+        trainer = _trainer(cfg, storage, f"{name}-evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
                            evaluate_worker, payload)
         result = _fit_raising_value_errors(trainer)
     finally:
@@ -154,32 +155,30 @@ def resolve_paths(cfg: Config) -> Config:
 def _init_ray(cfg: Config) -> bool:
     """Connect to or start Ray; True when this call started it.
 
-    Unless ``tracking.verbose``, this job's Ray processes keep their chatter to themselves: this
-    driver logs Ray's warnings and errors only, and Ray Data its errors (not a line per dataset
-    pass, nor a warning that its bars are off). Workers' output still reaches this console
-    (``log_to_driver``), so their errors and warnings do; the workers quiet their own libraries (see
-    ``worker.py``). A variable already in this process's environment (``RAY_DATA_LOG_LEVEL=INFO``)
-    wins over these.
+    Unless ``tracking.verbose``, this driver logs Ray's warnings and errors only. Workers' output
+    still reaches this console (``log_to_driver``), so their errors and warnings do; the workers
+    quiet their own libraries (see ``worker.py``). An embedded instance starts without Ray's
+    dashboard (seconds of start-up and three processes no one looks at during a quickstart; start
+    Ray with ``ray start --head`` for it). A variable already in this process's environment wins
+    over the ones set here.
     """
     import ray
 
     if ray.is_initialized():
         return False
-    env = {} if cfg.tracking.verbose else dict(_QUIET_RAY_ENV)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    if not address:
+    settings: dict[str, Any] = {}
+    if not address and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:
         # Nothing preempts this machine's own instance: Ray Train's watcher for it would only cost
         # an actor, and the C++ error line its start logs.
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-    env = {k: v for k, v in env.items() if k not in os.environ}
-    settings = {"runtime_env": {"env_vars": env}} if env else {}
+        settings["runtime_env"] = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
     if not cfg.tracking.verbose:
         settings["logging_level"] = logging.WARNING
     if address:
         ray.init(address=address, **settings)
     else:
         # "local": always a new instance, never a cluster another `ray start` left on this machine.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, **settings)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, include_dashboard=False, **settings)
     return True
 
 
@@ -251,11 +250,10 @@ def _remember_run(storage: str, name: str, run_id: str | None) -> None:
         f.write(json.dumps({"mlflow_run_id": run_id}).encode())
 
 
-def _trainer(cfg: Config, storage: str, name: str, datasets: dict, loop: Callable, payload: dict[str, Any]):
-    """The ``TorchTrainer``: workers with fractional CPUs (and a GPU each under ``train.device: cuda``,
-    NCCL then carrying the dense all-reduce), ordered data splits, retries."""
+def _trainer(cfg: Config, storage: str, name: str, loop: Callable, payload: dict[str, Any]):
+    """The ``TorchTrainer``: workers with their CPUs (and a GPU each under ``train.device: cuda``,
+    NCCL then carrying the dense all-reduce), retries."""
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
     r, gpu = cfg.ray, cfg.train.device == "cuda"
@@ -271,9 +269,4 @@ def _trainer(cfg: Config, storage: str, name: str, datasets: dict, loop: Callabl
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray Train's own INFO lines (worker group start, each checkpoint and report) unless verbose.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.tracking.verbose else "WARNING")),
-        datasets=datasets,
-        # Order kept and no locality preference: the deal of blocks to workers depends on the data
-        # alone (see data.py), which is what makes resume exact and W workers equal to one.
-        dataset_config=ray.train.DataConfig(
-            execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False),
     )

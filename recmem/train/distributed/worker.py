@@ -24,11 +24,19 @@ def train_worker(payload: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``.
 
     Args:
-        payload: ``{"config": Config, "run_id": str | None}`` from the driver; the config's paths are
-            already absolute and ``run_id`` is the MLflow run the driver opened.
+        payload: ``{"config": Config, "run_id": str | None, "data": {split: SplitIndex},
+            "started_at": float | None, "marks": {name: float}}`` from the driver; the config's
+            paths are already absolute, ``run_id`` is the MLflow run the driver opened, ``data``
+            where the splits' rows lie (``data.plan_splits``), ``started_at`` and ``marks`` the
+            start-up's times so far (see ``loop.train``).
     """
+    import time
+
+    marks = {**payload["marks"], "worker_start": time.time()}
     cfg = payload["config"]
     _quiet_libraries(cfg)
+    import torch
+
     from recmem.train.distributed.data import shard_source
     from recmem.train.distributed.store import RayCheckpoints
     from recmem.train.distributed.traffic import TrafficMeter
@@ -37,11 +45,13 @@ def train_worker(payload: dict[str, Any]) -> None:
     # The driver draws the progress bar from the MLflow run (``RunLogger.following``).
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
     rank, world_size, model, plan = _worker_model(cfg)
+    marks["model_built"] = time.time()
     with contextlib.ExitStack() as scope:
         meter = scope.enter_context(TrafficMeter(model)) if cfg.ray.measure_traffic else None
-        train(cfg, shard_source(cfg, world_size), rank=rank, model=model,
-              store=RayCheckpoints(rank, world_size, plan), run_id=payload["run_id"], params=plan,
-              extra_metrics=meter.stats if meter else None)
+        params = {**plan, "ray.torch_threads_used": str(torch.get_num_threads())}
+        train(cfg, shard_source(cfg, world_size, rank, payload["data"]), rank=rank, model=model,
+              store=RayCheckpoints(rank, world_size, plan), run_id=payload["run_id"], params=params,
+              extra_metrics=meter.stats if meter else None, started_at=payload["started_at"], marks=marks)
 
 
 def evaluate_worker(payload: dict[str, Any]) -> None:
@@ -51,8 +61,8 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
     driver reads rank 0's.
 
     Args:
-        payload: ``{"config": Config, "run": (pyarrow FileSystem, run folder), "split": str}`` from
-            the driver, which started as many workers as wrote the run's newest checkpoint. The newest
+        payload: ``{"config": Config, "run": (pyarrow FileSystem, run folder), "split": str,
+            "data": {split: SplitIndex}}`` from the driver, which started as many workers as wrote the run's newest checkpoint. The newest
             complete checkpoint that loads on every rank is scored (a corrupt one is skipped, as on
             resume); its step is reported with the metrics.
     """
@@ -67,7 +77,8 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
     rank, world_size, model, plan = _worker_model(cfg)
     state = RayCheckpoints(rank, world_size, plan).load_newest(*payload["run"])
     model.load_state_dict(state["model"])
-    metrics = {**evaluate(model, shard_source(cfg, world_size, (split,))(split, 0, 0), split), "step": state["step"]}
+    batches = shard_source(cfg, world_size, rank, payload["data"])(split, 0, 0)
+    metrics = {**evaluate(model, batches, split), "step": state["step"]}
     # Ray Train hands the driver only metrics reported with a checkpoint: rank 0 registers a record
     # of this evaluation (its metrics and the run and step they score) as the evaluation run's one.
     with tempfile.TemporaryDirectory(prefix="recmem-eval-") as folder:
@@ -99,9 +110,27 @@ def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(cfg.ray.torch_threads or max(1, round(cfg.ray.cpus_per_worker)))
+    threads, why = torch_threads(cfg.ray.torch_threads, context.get_local_world_size())
+    torch.set_num_threads(threads)
+    if rank == 0:
+        print(f"recmem: {threads} torch thread{'s' * (threads > 1)} per worker ({why})", flush=True)
     device = dense_device(cfg.train, ray.train.torch.get_device() if cfg.train.device == "cuda" else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL collectives on the default group run on the current GPU
     model = build_worker_model(cfg, world_size, device)
     return rank, world_size, model, sharding_plan(model.tables, world_size)
+
+
+def torch_threads(configured: int, workers_here: int) -> tuple[int, str]:
+    """(torch intra-op threads for a worker, why): ``ray.torch_threads`` when set, else this node's
+    cores shared evenly among the workers on it (a worker alone on its node uses all of them).
+
+    A worker reads its own data in its own thread (``data.py``), so no core is held back for readers.
+    """
+    if configured:
+        return configured, f"ray.torch_threads={configured}"
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // workers_here)
+    return threads, f"{cores} cores on this node, {workers_here} worker{'s' * (workers_here > 1)} on it"
