@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
-from mlflow.entities import Metric, Param, RunTag
 from tqdm import tqdm
 
 from recmem.config import Config, to_dict
@@ -106,6 +105,27 @@ def runs_marked_failed() -> Iterator[None]:
         raise
 
 
+def warm_tracking(cfg: Config) -> threading.Thread:
+    """Import MLflow and open its store (creating its tables on first use) in a background thread.
+
+    Both cost a second or two that a Ray driver can spend while ``ray.init`` waits for Ray's
+    processes to start; join the thread before the first :class:`RunLogger`. Nothing here touches
+    MLflow's active-run state, which is per thread.
+    """
+
+    def warm() -> None:
+        import mlflow
+
+        if cfg.tracking.enabled:
+            uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir)
+            with suppress(Exception):  # the RunLogger that follows reports a store that fails
+                mlflow.MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
+
+    thread = threading.Thread(target=warm, name="recmem-warm-tracking", daemon=True)
+    thread.start()
+    return thread
+
+
 class RunLogger:
     """MLflow run for one training job; a no-op shell when tracking is disabled or on ranks > 0.
 
@@ -160,12 +180,16 @@ class RunLogger:
         """Log numeric metrics at ``step`` (names ``split/name``)."""
         if self.enabled:
             now = int(time.time() * 1000)
+            from mlflow.entities import Metric, RunTag
+
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
             self._client.log_batch(self.run_id, metrics=batch, tags=[RunTag(STEP_TAG, str(step))])
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log extra params (e.g. the sharding plan)."""
         if self.enabled:
+            from mlflow.entities import Param
+
             self._client.log_batch(self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
 
     def log_text(self, text: str, name: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.fs
 
 from recmem.config import Config, ConfigError
-from recmem.tracking.logger import RunLogger, default_tracking_uri
+from recmem.tracking.logger import RunLogger, default_tracking_uri, warm_tracking
 
 _RUN_FILE = "recmem_run.json"
 """Beside Ray's checkpoints of a run: the MLflow run it logs into, so a resubmitted job continues it."""
@@ -60,8 +60,10 @@ def train_ray(cfg: Config, started_at: float | None = None) -> RayTrainResult:
 
     cfg = resolve_paths(cfg)
     data = plan_splits(cfg, cfg.ray.num_workers)  # a missing split fails here, before Ray starts
+    tracking = warm_tracking(cfg)
     started = _init_ray(cfg)
     marks = {"ray_ready": time.time()}
+    tracking.join()
     try:
         _check_gpus(cfg)
         storage, name = _storage(cfg)
