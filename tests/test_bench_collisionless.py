@@ -44,10 +44,13 @@ def test_collisionless_train_quick_run_measures_every_variant(capsys):
 def test_scaling_report_labels_what_it_computes_and_projects():
     opts = bench_scaling.parse_options(["--rows", "100", "--sharding", "id", "auto"])
     assert (opts.rows, opts.workers, opts.sharding) == (100, (1, 2), ("id", "auto"))
-    metrics = {"train/samples_per_second": 1000.0, "wall_s": 1.0, "valid/auc": 0.7}
+    metrics = {"train/samples_per_second": 1000.0, "wall_s": 1.0, "valid/auc": 0.7, "step": 10.0,
+               "train/data_wait_seconds": 100.0}
     two = {**metrics, "traffic/tables_sent_bytes_per_step": 300.0, "traffic/all_to_all_sent_bytes_per_step": 300.0,
            "traffic/allreduce_payload_bytes_per_step": 400.0}
     text = report(ScalingResult(Config(), {(1, "none"): metrics, (2, "id"): two}, dense_params=100))
     assert "ring-sent (from measured payload)" in text and "Computed, not measured" in text
     assert "| 2 | id | 1,000 | 1 | 0.7000 | 300 | 300 | 400 | 400 | 400 |" in text
     assert ring_sent(400.0, 2) == 400.0 and "| 64 |" in text
+    # 10 s of reading per step (of which a worker of 2 reads half) against ~1 s of compute: data limits.
+    assert text.splitlines()[-1].startswith("| 64 |") and text.splitlines()[-1].endswith("| data |")

@@ -3,12 +3,13 @@
 Trains a model (the quickstart's: DLRM over ``full`` tables on recmem's synthetic Criteo-shaped data)
 on one local Ray with the same global batch: once on 1 worker, then per worker count > 1 and per
 ``ray.sharding`` value. The report (Markdown) gives the loop's samples/s (forward, exchanges,
-backward, optimizer; not time spent waiting for Ray Data), wall time of the whole job and the bytes
+backward, optimizer; not time spent reading the next batch), wall time of the whole job and the bytes
 each worker sent per step, measured by ``ray.measure_traffic`` (``recmem/train/distributed/traffic.py``):
 table exchanges as sent to other ranks and the DDP all-reduce as its payload. What a ring all-reduce
 puts on the wire, 2 (W - 1) / W x payload, is not measured: the report computes it from the measured
 payload and, as a cross-check, from the dense parameter count. Last, a projection of throughput for 8
-and 64 workers on a 25 Gb/s network from the first ID-sharded run (model in :func:`project`).
+and 64 workers on a 25 Gb/s network from the 1-worker run's compute and data time per step and the
+first ID-sharded run's bytes (model in :func:`project`), naming the part that limits.
 
 This is a Ray driver: it imports no torch and no torchrec (the dense parameter count is taken in a
 Ray task), like ``recmem/train/distributed/launcher.py``.
@@ -42,7 +43,7 @@ class ScalingOptions:
         rows: training rows to generate (validation: a fifth of that).
         workers: worker counts; 1 runs unsharded, each larger count once per ``sharding``.
         sharding: ``ray.sharding`` values for runs of more than 1 worker.
-        train_cpus: CPUs shared by the training workers (the rest go to Ray Data).
+        train_cpus: CPUs reserved for the training workers together (each runs one torch thread).
         workdir: where data and runs go ("": a new temporary folder).
     """
 
@@ -69,21 +70,24 @@ def ring_sent(payload: float, workers: int) -> float:
     return 2 * (workers - 1) / workers * payload
 
 
-def project(step_s: float, local_batch: int, alltoall_all: float, payload: float, blocks: int,
-            workers: int) -> dict[str, float]:
-    """Samples/s of ``workers`` workers, each with ``local_batch`` rows and ``step_s`` of compute.
+def project(step_s: float, data_s: float, local_batch: int, alltoall_all: float, payload: float, blocks: int,
+            workers: int) -> dict[str, float | str]:
+    """Samples/s of ``workers`` workers, each with ``local_batch`` rows, ``step_s`` of compute and
+    ``data_s`` of reading its next batch per step, and which of the three parts limits.
 
     ``alltoall_all`` is what one worker's exchanges would weigh if none of its keys were its own; a
     share ``(W - 1) / W`` crosses the network. ``payload`` is the all-reduce's, sent by a ring.
-    Compute and communication do not overlap (they do not in this implementation), bandwidth is the
-    full 25 Gb/s per worker, latency ``LATENCY_S``.
+    Compute, reading and communication do not overlap (they do not in this implementation; each
+    worker reads its own rows, so ``data_s`` does not grow with W), bandwidth is the full 25 Gb/s per
+    worker, latency ``LATENCY_S``.
     """
     remote = (workers - 1) / workers
     net_bytes = alltoall_all * remote + ring_sent(payload, workers)
     messages = blocks * EXCHANGES_PER_STEP * (workers - 1) + 2 * (workers - 1)
     net_s = net_bytes / LINK_BYTES_PER_S + messages * LATENCY_S
-    return {"bytes": net_bytes, "net_ms": net_s * 1e3,
-            "samples_per_s": workers * local_batch / (step_s + net_s)}
+    parts = {"compute": step_s, "data": data_s, "network": net_s}
+    return {"bytes": net_bytes, "net_ms": net_s * 1e3, "limit": max(parts, key=parts.__getitem__),
+            "samples_per_s": workers * local_batch / (step_s + data_s + net_s)}
 
 
 def _count_dense_parameters(cfg: Config) -> int:
@@ -158,11 +162,15 @@ def report(result: ScalingResult) -> str:
     a2a = measured.get("traffic/tables_sent_bytes_per_step", 0.0)
     payload = measured.get("traffic/allreduce_payload_bytes_per_step", 0.0)
     local_batch = cfg.data.batch_size // w
-    step_s = local_batch / runs[1, "none"]["train/samples_per_second"]  # one worker's compute for b rows
-    lines += [f"\nprojection: {local_batch} rows per worker per step, {step_s * 1e3:.0f} ms compute each "
-              f"(measured, 1 worker), 25 Gb/s, {LATENCY_S * 1e6:.0f} us per message\n",
-              "| workers | network B/step/worker | network ms/step | samples/s |", "|---|---|---|---|"]
+    one = runs[1, "none"]
+    step_s = local_batch / one["train/samples_per_second"]  # one worker's compute for b rows
+    data_s = one["train/data_wait_seconds"] / one["step"] * local_batch / cfg.data.batch_size
+    lines += [f"\nprojection: {local_batch} rows per worker per step, {step_s * 1e3:.0f} ms compute and "
+              f"{data_s * 1e3:.1f} ms reading each (measured, 1 worker), 25 Gb/s, "
+              f"{LATENCY_S * 1e6:.0f} us per message\n",
+              "| workers | network B/step/worker | network ms/step | samples/s | limit |", "|---|---|---|---|---|"]
     for n in (w, 8, 64):
-        est = project(step_s, local_batch, a2a * w / (w - 1), payload, len(cfg.model.tables), n)
-        lines.append(f"| {n} | {est['bytes']:,.0f} | {est['net_ms']:.2f} | {est['samples_per_s']:,.0f} |")
+        est = project(step_s, data_s, local_batch, a2a * w / (w - 1), payload, len(cfg.model.tables), n)
+        lines.append(f"| {n} | {est['bytes']:,.0f} | {est['net_ms']:.2f} | {est['samples_per_s']:,.0f} "
+                     f"| {est['limit']} |")
     return "\n".join(lines)
