@@ -1,6 +1,6 @@
 """The Ray path's speed against the single-process loop on the quickstart, in one run.
 
-    python jobs/bench_ray.py                                    # the quickstart's 600k rows (~5 min here)
+    python jobs/bench_ray.py                                    # the quickstart's 600k rows, 3 rounds (~5 min here)
     python jobs/bench_ray.py data.synthetic.train_rows=60000    # any override, for every run
 
 Runs ``recmem train`` three times as a user would: (a) single-process, (b) Ray with 1 worker, (c) Ray
@@ -27,11 +27,12 @@ def parse_options(argv: list[str] | None = None) -> RayPathOptions:
     p.add_argument("--config", default=str(QUICKSTART))
     p.add_argument("--workdir", default="", help="where data and runs go (default: a new temporary folder)")
     p.add_argument("--variant", action="append", choices=list(VARIANTS), help="run only this one (repeatable)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of the variants; the median round counts")
     p.add_argument("--no-floor", action="store_true", help="skip Ray's floor (an empty Ray Train job)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
     workdir = a.workdir or tempfile.mkdtemp(prefix="recmem-bench-ray-")
-    return RayPathOptions(a.config, workdir, tuple(a.overrides), tuple(a.variant or VARIANTS), not a.no_floor)
+    return RayPathOptions(a.config, workdir, tuple(a.overrides), tuple(a.variant or VARIANTS), not a.no_floor, a.repeat)
 
 
 def main(argv: list[str] | None = None) -> None:

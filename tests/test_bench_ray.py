@@ -9,7 +9,7 @@ from jobs import bench_ray
 
 def test_the_single_process_run_and_the_stream_are_measured(tmp_path, capsys):
     """The single-process variant only (Ray's runs cost a worker start each); the report and the JSON."""
-    bench_ray.main(["--workdir", str(tmp_path), "--variant", "single", "--no-floor",
+    bench_ray.main(["--workdir", str(tmp_path), "--variant", "single", "--no-floor", "--repeat", "1",
                     "data.synthetic.train_rows=8192", "data.synthetic.valid_rows=2048", "data.batch_size=1024",
                     "model.bottom_mlp=[32,16]", "model.top_mlp=[32,1]", "train.precision=fp32"])
     lines = capsys.readouterr().out.strip().splitlines()
@@ -25,5 +25,5 @@ def test_the_single_process_run_and_the_stream_are_measured(tmp_path, capsys):
 
 def test_variants_and_overrides_parse():
     opts = bench_ray.parse_options(["--workdir", "w", "--variant", "ray_2", "a.b=1", "--no-floor"])
-    assert (opts.variants, opts.overrides, opts.floor) == (("ray_2",), ("a.b=1",), False)
+    assert (opts.variants, opts.overrides, opts.floor, opts.repeat) == (("ray_2",), ("a.b=1",), False, 3)
     assert bench_ray.parse_options(["--workdir", "w"]).variants == ("single", "ray_1", "ray_2")

@@ -46,6 +46,9 @@ class RayPathOptions:
         overrides: more ``key=value`` settings for every run (e.g. fewer rows).
         variants: which of :data:`VARIANTS` to run, in order.
         floor: also measure Ray's floor (:func:`ray_floor`).
+        repeat: rounds of the variants, taken in turn (so that a burst of load on a shared machine
+            hits them alike); each variant's figures are those of its median round by pass
+            samples/s, with the spread of that rate beside them.
     """
 
     config: str
@@ -53,11 +56,13 @@ class RayPathOptions:
     overrides: tuple[str, ...] = ()
     variants: tuple[str, ...] = tuple(VARIANTS)
     floor: bool = True
+    repeat: int = 1
 
 
 @dataclass
 class RayPathResult:
-    """Per variant: the run's metrics plus ``wall_s``; per (workers, rank): the stream's rows/s alone."""
+    """Per variant: its median round's metrics plus ``wall_s`` (and ``pass_min`` / ``pass_max`` over
+    the rounds); per (workers, rank): the stream's rows/s alone."""
 
     runs: dict[str, dict[str, float]] = field(default_factory=dict)
     stream: dict[tuple[int, int], float] = field(default_factory=dict)
@@ -76,9 +81,15 @@ def run_ray_path(opts: RayPathOptions, say=print) -> RayPathResult:
         say(f"generating {base.data.synthetic.train_rows:,} + {base.data.synthetic.valid_rows:,} rows")
         generate(base.data.synthetic, base.data.schema, Path(base.data.root), progress=False)
     result = RayPathResult(cpu=torch.backends.cpu.get_cpu_capability())
-    for name in opts.variants:
-        say(f"training: {name}")
-        result.runs[name] = timed_command(opts, name)
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in opts.variants}
+    for turn in range(opts.repeat):
+        for name in opts.variants:
+            say(f"training: {name} (round {turn + 1} of {opts.repeat})")
+            rounds[name].append(timed_command(opts, name))
+    for name, runs in rounds.items():
+        rates = sorted(r["train/pass_samples_per_second"] for r in runs)
+        median = next(r for r in runs if r["train/pass_samples_per_second"] == rates[len(rates) // 2])
+        result.runs[name] = {**median, "pass_min": rates[0], "pass_max": rates[-1]}
     if opts.floor:
         say("Ray's floor: an empty training loop")
         floor = subprocess.run([sys.executable, "-c", "from recmem.bench.ray_path import ray_floor; ray_floor()"],
@@ -173,13 +184,14 @@ def report(result: RayPathResult) -> str:
     runs = result.runs
     single = runs.get("single", {}).get("train/pass_samples_per_second")
     lines = [f"cpu capability {result.cpu}\n",
-             "| run | wall s | pass samples/s | vs single | steps samples/s | data wait s | first step s | valid AUC |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | wall s | pass samples/s | vs single | rounds' pass samples/s | steps samples/s | data wait s "
+             "| first step s | valid AUC |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     trained = {name: m for name, m in runs.items() if "train/pass_samples_per_second" in m}
     for name, m in trained.items():
         ratio = f"{m['train/pass_samples_per_second'] / single:.2f}x" if single else "-"
         lines.append(f"| {name} | {m['wall_s']:.1f} | {m['train/pass_samples_per_second']:,.0f} | {ratio} "
-                     f"| {m['train/samples_per_second']:,.0f} | {m['train/data_wait_seconds']:.1f} "
+                     f"| {m['pass_min']:,.0f}-{m['pass_max']:,.0f} | {m['train/samples_per_second']:,.0f} | {m['train/data_wait_seconds']:.1f} "
                      f"| {m.get('startup/first_step_s', float('nan')):.1f} | {m['valid/auc']:.4f} |")
     lines += ["\nstart-up: seconds from the command's start to each phase (ray_floor: an empty Ray Train job)\n",
               "| run | " + " | ".join(STARTUP) + " |", "|---|" + "---:|" * len(STARTUP)]
