@@ -10,4 +10,6 @@
 - ``collisionless_drift.py`` (``jobs/collisionless_drift.py``): TTL and admission on drifting data
   against no expiry and the hashing trick.
 - ``scaling.py`` (``jobs/bench_scaling.py``): Ray workers, bytes per step, a projection.
+- ``ray_path.py`` (``jobs/bench_ray.py``): ``recmem train`` on Ray against the single-process loop:
+  pass rates, start-up to the first step, the data stream per worker.
 """

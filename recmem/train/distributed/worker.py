@@ -101,6 +101,7 @@ def _quiet_libraries(cfg: Config) -> None:
 
 def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
     """(rank, world size, this rank's part of the model, the sharding plan); collective."""
+    import pyarrow
     import ray.train
     import ray.train.torch
     import torch
@@ -112,6 +113,9 @@ def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     threads, why = torch_threads(cfg.ray.torch_threads, context.get_local_world_size())
     torch.set_num_threads(threads)
+    # Arrow sizes its decoding pool from OMP_NUM_THREADS, which Ray sets to the worker's reserved CPUs
+    # (1 by default): the worker's reads would decode on one thread where its steps run on all.
+    pyarrow.set_cpu_count(threads)
     if rank == 0:
         print(f"recmem: {threads} torch thread{'s' * (threads > 1)} per worker ({why})", flush=True)
     device = dense_device(cfg.train, ray.train.torch.get_device() if cfg.train.device == "cuda" else None)
