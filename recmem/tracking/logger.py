@@ -32,6 +32,10 @@ _QUIET_LEVELS = {
     "torch.fx._symbolic_trace": logging.ERROR,  # a note to torchrec's authors on each first forward
     # The local instance's default: token auth on, and how to opt out. recmem started that instance.
     "ray._private.authentication": logging.ERROR,
+    # Ray Train's placement-group cleaner asks Ray's state API (served by the dashboard) every second
+    # whether the run's controller lives, and warns when it cannot: on recmem's embedded instance,
+    # which runs without a dashboard and is shut down whole at the end of the run, every second.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
 }
 _QUIET_PACKAGES = ("fbgemm_gpu", "torchrec", "ray")
 
@@ -57,7 +61,10 @@ def quiet_libraries() -> None:
     """Turn this process's library chatter off (``tracking.verbose: false``): the INFO logs of
     MLflow, fbgemm, torchrec, Ray and matplotlib, torchrec's warnings, and the Python warnings raised
     from inside torch, torchrec, fbgemm, MLflow and Ray (deprecations one library owes another).
-    Warnings attributed to recmem's code, and every error, still show. Idempotent."""
+    Warnings attributed to recmem's code, and every error, still show. Idempotent; also the setup
+    hook of every process of recmem's embedded Ray (``launcher._init_ray``)."""
+    # MLflow sets its own logger to INFO when it is first imported, unless told not to.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     for name, level in _QUIET_LEVELS.items():
         logging.getLogger(name).setLevel(level)
     folders = [f"{folder}{os.sep}" for name in _QUIET_PACKAGES if (spec := importlib.util.find_spec(name))

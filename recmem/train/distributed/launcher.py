@@ -170,10 +170,16 @@ def _init_ray(cfg: Config) -> bool:
         return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     settings: dict[str, Any] = {}
-    if not address and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:
-        # Nothing preempts this machine's own instance: Ray Train's watcher for it would only cost
-        # an actor, and the C++ error line its start logs.
-        settings["runtime_env"] = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+    if not address:
+        runtime: dict[str, Any] = {}
+        if "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:
+            # Nothing preempts this machine's own instance: Ray Train's watcher for it would only
+            # cost an actor, and the C++ error line its start logs.
+            runtime["env_vars"] = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+        if not cfg.tracking.verbose:
+            # Every process of the instance (Ray Train's controller and helpers too) quiets its libraries.
+            runtime["worker_process_setup_hook"] = "recmem.tracking.logger.quiet_libraries"
+        settings["runtime_env"] = runtime
     if not cfg.tracking.verbose:
         settings["logging_level"] = logging.WARNING
     if address:

@@ -105,6 +105,7 @@ def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
     import ray.train
     import ray.train.torch
     import torch
+    from tqdm import tqdm
 
     from recmem.train.device import dense_device
     from recmem.train.distributed.plan import build_worker_model, sharding_plan
@@ -117,7 +118,8 @@ def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
     # (1 by default): the worker's reads would decode on one thread where its steps run on all.
     pyarrow.set_cpu_count(threads)
     if rank == 0:
-        print(f"recmem: {threads} torch thread{'s' * (threads > 1)} per worker ({why})", flush=True)
+        # tqdm.write, as the loop's own lines: a print here reaches the driver's console twice.
+        tqdm.write(f"recmem: {threads} torch thread{'s' * (threads > 1)} per worker ({why})")
     device = dense_device(cfg.train, ray.train.torch.get_device() if cfg.train.device == "cuda" else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL collectives on the default group run on the current GPU
