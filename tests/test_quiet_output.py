@@ -24,8 +24,9 @@ from tests.conftest import small_schema
 
 
 @pytest.fixture
-def restored_logging():
+def restored_logging(monkeypatch):
     """Undo ``quiet_libraries``' process-wide changes after the test."""
+    monkeypatch.setenv("MLFLOW_CONFIGURE_LOGGING", os.environ.get("MLFLOW_CONFIGURE_LOGGING", "true"))
     root = logging.getLogger()
     names = ("mlflow", "fbgemm_gpu", "torchrec", "ray._private.authentication")
     levels = {name: logging.getLogger(name).level for name in names}
@@ -142,3 +143,25 @@ def test_an_error_inside_a_ray_worker_reaches_the_console(ray_cluster, tiny_root
     assert "model.tables.0.options.bogus: unknown key" in output, output[-4000:]
     for chatter in ("Successfully loaded", "[TBE=", "Reporting training result", "Started training worker group"):
         assert chatter not in output, output[-4000:]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_embedded_ray_quiets_every_process_it_starts(monkeypatch, tmp_path, verbose):
+    """Ray Train's controller and helper actors log from processes recmem's code never runs in: the
+    embedded instance gives each of them quiet_libraries as its setup hook (not when verbose), and
+    starts without the dashboard."""
+    import ray
+
+    from recmem.train.distributed.launcher import _init_ray
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    assert _init_ray(load_config(None, [f"workdir={tmp_path}", f"tracking.verbose={str(verbose).lower()}"]))
+    (kwargs,) = calls
+    hook = kwargs["runtime_env"].get("worker_process_setup_hook")
+    assert kwargs["address"] == "local" and kwargs["include_dashboard"] is False
+    assert hook is None if verbose else hook == "recmem.tracking.logger.quiet_libraries"
+    module, _, name = "recmem.tracking.logger.quiet_libraries".rpartition(".")
+    assert getattr(__import__(module, fromlist=[name]), name) is quiet_libraries
