@@ -1,7 +1,8 @@
 """The Ray driver: connect to (or start) Ray, open the MLflow run, and run the workers to the end.
 
-This process imports no torch and no torchrec (only the workers do, see ``worker.py``): it may be a
-small head-node job, and the first import of torchrec costs seconds and memory it does not need.
+This process imports no torchrec (only the workers do, see ``worker.py``; torch comes in only with
+Ray Train's ``TorchTrainer``): it may be a small head-node job, and the first import of torchrec costs
+seconds and memory it does not need.
 """
 
 from __future__ import annotations
