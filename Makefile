@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q fbgemm-gpu-cpu==1.8.0
-	# --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu (see pyproject.toml).
-	$(BIN)/pip install -q --no-deps torchrec==1.8.0
 	$(BIN)/pip install -q -e ".[dev]"
+	# --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu (see pyproject.toml). Last, so that
+	# no later install's resolver reports that missing fbgemm-gpu as an error.
+	$(BIN)/pip install -q --no-deps torchrec==1.8.0
 	touch $(STAMP)
 
 run: $(STAMP)
