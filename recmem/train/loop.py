@@ -1,4 +1,5 @@
-"""The training loop: read it top to bottom. Ray Train workers host this same loop (see distributed/worker.py)."""
+"""The training loop: read it top to bottom. Ray Train workers host this same loop (see
+``distributed/worker.py``)."""
 
 from __future__ import annotations
 
