@@ -36,8 +36,8 @@ Overrides are dotted paths into the config (see recmem/config.py); list items by
 browse them with `mlflow ui --backend-store-uri sqlite:///mlflow.db`.
 
 Ray: `recmem train` runs on an embedded local Ray; ray.address=... (or RAY_ADDRESS) targets a
-cluster, ray.num_workers=2 ray.cpus_per_worker=0.5 splits the job, ray.enabled=false runs the plain
-single-process loop. On a cluster: ray job submit --working-dir . -- python jobs/train.py --config ...
+cluster, ray.num_workers=2 splits the job (each worker reads its own rows), ray.enabled=false runs
+the plain single-process loop. On a cluster: ray job submit --working-dir . -- python jobs/train.py --config ...
 `recmem evaluate` with the same config scores the latest checkpoint of the Ray run ray.run_name."""
 
 
