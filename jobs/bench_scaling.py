@@ -28,7 +28,7 @@ def parse_options(argv: list[str] | None = None) -> ScalingOptions:
     p.add_argument("--sharding", nargs="+", default=list(ScalingOptions.sharding),
                    help="ray.sharding values for runs of > 1 worker")
     p.add_argument("--train-cpus", type=float, default=ScalingOptions.train_cpus,
-                   help="CPUs shared by the workers (rest: Ray Data)")
+                   help="CPUs reserved for the workers together (each runs one torch thread)")
     p.add_argument("--workdir", default="", help="where data and runs go (default: a temporary folder)")
     a = p.parse_args(argv)
     return ScalingOptions(a.config, a.rows, tuple(a.workers), tuple(a.sharding), a.train_cpus, a.workdir)
