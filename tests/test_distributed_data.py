@@ -1,5 +1,6 @@
 """The Ray workers' data: W workers read exactly the global batches one worker reads, resume skips exactly
-what was trained, every worker gets as many batches as the others, from a local folder or a URI."""
+what was trained, every worker gets as many batches as the others, from a local folder or a URI; and
+since a worker reads its own data, the threads it takes share nothing with separate readers."""
 
 from __future__ import annotations
 
@@ -81,3 +82,12 @@ def test_the_plan_fails_before_any_worker_starts(root, tmp_path):
         plan_splits(tiny_config(root, tmp_path, "data.batch_size=128"), 3)
     with pytest.raises(FileNotFoundError, match="no part-"):
         plan_splits(tiny_config(tmp_path, tmp_path), 1)
+
+
+def test_a_worker_alone_on_its_node_takes_every_core(monkeypatch):
+    from recmem.train.distributed.worker import torch_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert torch_threads(0, 1) == (4, "4 cores on this node, 1 worker on it")
+    assert torch_threads(0, 3)[0] == 1 and torch_threads(0, 8)[0] == 1
+    assert torch_threads(6, 1) == (6, "ray.torch_threads=6")

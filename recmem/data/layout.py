@@ -98,8 +98,6 @@ def count_rows(root: Path, split: str) -> int:
     return sum(pq.read_metadata(path).num_rows for path in part_files(root, split))
 
 
-
-
 @dataclass(frozen=True)
 class SplitIndex:
     """Where a split's rows lie: its part files and their row groups in reading order, from the footers.

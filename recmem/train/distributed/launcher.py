@@ -160,9 +160,10 @@ def _init_ray(cfg: Config) -> bool:
 
     Unless ``tracking.verbose``, this driver logs Ray's warnings and errors only. Workers' output
     still reaches this console (``log_to_driver``), so their errors and warnings do; the workers
-    quiet their own libraries (see ``worker.py``). An embedded instance starts without Ray's
-    dashboard (seconds of start-up and three processes no one looks at during a quickstart; start
-    Ray with ``ray start --head`` for it). A variable already in this process's environment wins
+    quiet their own libraries (see ``worker.py``), and on an embedded instance every process does
+    (Ray Train's controller and helpers too), by Ray's setup hook. An embedded instance starts
+    without Ray's dashboard (seconds of start-up and three processes no one looks at during a
+    quickstart; start Ray with ``ray start --head`` for it). A variable already in this process's environment wins
     over the ones set here.
     """
     import ray
@@ -178,7 +179,6 @@ def _init_ray(cfg: Config) -> bool:
             # cost an actor, and the C++ error line its start logs.
             runtime["env_vars"] = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
         if not cfg.tracking.verbose:
-            # Every process of the instance (Ray Train's controller and helpers too) quiets its libraries.
             runtime["worker_process_setup_hook"] = "recmem.tracking.logger.quiet_libraries"
         settings["runtime_env"] = runtime
     if not cfg.tracking.verbose:

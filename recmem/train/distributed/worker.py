@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,8 +136,6 @@ def torch_threads(configured: int, workers_here: int) -> tuple[int, str]:
     """
     if configured:
         return configured, f"ray.torch_threads={configured}"
-    import os
-
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // workers_here)
     return threads, f"{cores} cores on this node, {workers_here} worker{'s' * (workers_here > 1)} on it"
