@@ -160,7 +160,13 @@ class TrainConfig:
     Ray worker) one GPU and NCCL for their all-reduce, while the tables stay in host memory.
     ``precision``: the dense layers' arithmetic; ``bf16`` runs them under bf16 autocast (fp32 master
     weights), ``auto`` takes bf16 only where the device computes it natively (a CPU with AVX512-BF16
-    or AMX, a GPU with bf16 support), else fp32 (see ``recmem/train/device.py``)."""
+    or AMX, a GPU with bf16 support), else fp32 (see ``recmem/train/device.py``).
+
+    ``nonfinite``: what a step with a non-finite loss does; ``stop`` ends the run with an error naming
+    the step, ``skip`` leaves the batch out (no update) and counts it, ending the run once more than
+    ``max_skipped_batches`` were skipped. ``resume_changed: true`` resumes a checkpoint although the
+    training data or the model config changed since it was written (each difference is printed);
+    by default such a resume is refused before the first step."""
 
     epochs: int = 1
     max_steps: int = 0
@@ -172,6 +178,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_dir: str = "runs/checkpoints"
     resume: bool = True
+    resume_changed: bool = False
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_batches: int = 10
     evict_every: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
     progress: bool = True
