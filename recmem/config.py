@@ -2,15 +2,23 @@
 
 Every section is a dataclass with defaults, so an empty YAML file is a working config (the embedded
 quickstart). Unknown keys, wrong types and missing files raise :class:`ConfigError` naming the dotted
-path (``train.lr``) or the file. Builders elsewhere turn these into plain constructor arguments; no
-class body ever reads a config object.
+path (``train.lr``) or the file. Numeric fields carry their allowed :class:`Range` and some fields
+must not be empty (``checked`` in the field's metadata); rules across fields are in ``_check_rules``.
+Both are enforced at load time, so a value that cannot work (a batch of 0 rows, a negative learning
+rate) fails before any data is read, naming the key, the value and what is allowed. YAML reads as
+PyYAML's safe loader reads it, except that ``1e-3`` is a float and a key given twice is an error.
+Builders elsewhere turn these into plain constructor arguments; no class body ever reads a config
+object.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,11 +33,46 @@ class ConfigError(ValueError):
     """A bad config: the message names the file or the dotted key at fault."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field allows: above ``low`` and below ``high`` (either may be None), each bound
+    inclusive unless ``*_open``. Printed as the rule it states (``> 0``, ``in [0, 1)``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = self.low is None or x > self.low or (x == self.low and not self.low_open)
+        below = self.high is None or x < self.high or (x == self.high and not self.high_open)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+
+
+def checked(default: Any = dataclasses.MISSING, allowed: Range | None = None, *, factory: Any = dataclasses.MISSING,
+            non_empty: bool = False) -> Any:
+    """A dataclass field whose value (each item, for a list) must lie in ``allowed``, and which must
+    not be empty (a list or a string) if ``non_empty``; :func:`from_dict` enforces both."""
+    return field(default=default, default_factory=factory, metadata={"allowed": allowed, "non_empty": non_empty})
+
+
 @dataclass
 class SchemaConfig:
     """Which columns of a click log mean what. Criteo's layout is the default."""
 
-    label: str = "label"
+    label: str = checked("label", non_empty=True)
     dense: list[str] = field(default_factory=lambda: list(CRITEO_DENSE))
     sparse: list[str] = field(default_factory=lambda: list(CRITEO_SPARSE))
     event_time: str | None = "event_time"
@@ -48,16 +91,16 @@ class RawConfig:
     """
 
     path: str = ""
-    delimiter: str = "\t"
+    delimiter: str = checked("\t", non_empty=True)
     header: bool = False
     columns: list[str] = field(default_factory=list)
     hex_ids: bool = True
-    valid_rows: int = 0
-    valid_fraction: float = 0.1
-    chunk_rows: int = 200_000
-    max_bad_fraction: float = 0.01
+    valid_rows: int = checked(0, NON_NEGATIVE)
+    valid_fraction: float = checked(0.1, FRACTION)
+    chunk_rows: int = checked(200_000, POSITIVE)
+    max_bad_fraction: float = checked(0.01, FRACTION)
     time_format: str = ""
-    part_rows: int = 1_000_000
+    part_rows: int = checked(1_000_000, POSITIVE)
 
 
 # Criteo Kaggle (DAC) distinct values of C1..C26 and missing fraction of I1..I13: the shape the
@@ -86,31 +129,31 @@ class SyntheticConfig:
     positive rate of 0.25. See ``recmem.data.synthetic``.
     """
 
-    train_rows: int = 600_000
-    valid_rows: int = 100_000
-    seed: int = 0
-    chunk_rows: int = 100_000
-    num_days: int = 7
+    train_rows: int = checked(600_000, POSITIVE)
+    valid_rows: int = checked(100_000, NON_NEGATIVE)
+    seed: int = checked(0, NON_NEGATIVE)  # numpy takes no negative seed
+    chunk_rows: int = checked(100_000, POSITIVE)
+    num_days: int = checked(7, POSITIVE)
     start_time: int = 1_704_067_200
-    diurnal_amplitude: float = 0.5
-    cardinalities: list[int] = field(default_factory=lambda: list(CRITEO_CARDINALITIES))
-    cardinality_pivot: int = 10_000
-    cardinality_exponent: float = 0.5
-    zipf_exponent: float = 1.3
-    head_lifetime_days: float = 1000.0
-    lifetime_exponent: float = 1.0
-    min_lifetime_days: float = 1.0
-    dense_missing: list[float] = field(default_factory=lambda: list(CRITEO_DENSE_MISSING))
-    positive_rate: float = 0.25
-    latent_dim: int = 4
-    first_order_std: float = 1.1
-    interaction_std: float = 0.56
-    dense_std: float = 0.45
-    dense_interaction_std: float = 0.2
-    effect_half_share: float = 3e-2
-    interaction_half_share: float = 3e-2
-    field_importance_spread: float = 1.0
-    interaction_cardinality_exponent: float = 0.5
+    diurnal_amplitude: float = checked(0.5, Range(0, 1, high_open=True))  # the row rate never reaches 0
+    cardinalities: list[int] = checked(factory=lambda: list(CRITEO_CARDINALITIES), allowed=POSITIVE)
+    cardinality_pivot: int = checked(10_000, POSITIVE)
+    cardinality_exponent: float = checked(0.5, NON_NEGATIVE)
+    zipf_exponent: float = checked(1.3, NON_NEGATIVE)
+    head_lifetime_days: float = checked(1000.0, POSITIVE)
+    lifetime_exponent: float = checked(1.0, NON_NEGATIVE)
+    min_lifetime_days: float = checked(1.0, POSITIVE)  # the generator divides by lifetimes
+    dense_missing: list[float] = checked(factory=lambda: list(CRITEO_DENSE_MISSING), allowed=FRACTION)
+    positive_rate: float = checked(0.25, Range(0, 1, low_open=True, high_open=True))
+    latent_dim: int = checked(4, POSITIVE)
+    first_order_std: float = checked(1.1, NON_NEGATIVE)
+    interaction_std: float = checked(0.56, NON_NEGATIVE)
+    dense_std: float = checked(0.45, NON_NEGATIVE)
+    dense_interaction_std: float = checked(0.2, NON_NEGATIVE)
+    effect_half_share: float = checked(3e-2, POSITIVE)  # 0 makes share / (share + 0) 0 / 0 for a dead ID
+    interaction_half_share: float = checked(3e-2, POSITIVE)
+    field_importance_spread: float = checked(1.0, NON_NEGATIVE)
+    interaction_cardinality_exponent: float = checked(0.5, NON_NEGATIVE)
 
 
 @dataclass
@@ -124,7 +167,7 @@ class DataConfig:
     schema: SchemaConfig = field(default_factory=SchemaConfig)
     raw: RawConfig = field(default_factory=RawConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    batch_size: int = 4096
+    batch_size: int = checked(4096, POSITIVE)
 
 
 @dataclass
@@ -136,10 +179,10 @@ class TableConfig:
     """
 
     kind: str = "full"
-    embedding_dim: int = 16
+    embedding_dim: int = checked(16, POSITIVE)
     feature_names: list[str] = field(default_factory=list)
-    num_embeddings: int = 0
-    learning_rate: float = 0.05
+    num_embeddings: int = checked(0, NON_NEGATIVE)
+    learning_rate: float = checked(0.05, POSITIVE)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -148,10 +191,10 @@ class ModelConfig:
     """The dense architecture and the tables it sits on."""
 
     arch: Literal["dlrm", "dcnv2"] = "dlrm"
-    bottom_mlp: list[int] = field(default_factory=lambda: [512, 256, 16])
-    top_mlp: list[int] = field(default_factory=lambda: [512, 256, 1])
-    cross_layers: int = 3
-    tables: list[TableConfig] = field(default_factory=lambda: [TableConfig()])
+    bottom_mlp: list[int] = checked(factory=lambda: [512, 256, 16], allowed=POSITIVE, non_empty=True)
+    top_mlp: list[int] = checked(factory=lambda: [512, 256, 1], allowed=POSITIVE, non_empty=True)
+    cross_layers: int = checked(3, NON_NEGATIVE)
+    tables: list[TableConfig] = checked(factory=lambda: [TableConfig()], non_empty=True)
 
 
 @dataclass
@@ -168,20 +211,20 @@ class TrainConfig:
     training data or the model config changed since it was written (each difference is printed);
     by default such a resume is refused before the first step."""
 
-    epochs: int = 1
-    max_steps: int = 0
+    epochs: int = checked(1, POSITIVE)
+    max_steps: int = checked(0, NON_NEGATIVE)
     dense_optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
-    learning_rate: float = 0.01
+    learning_rate: float = checked(0.01, POSITIVE)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    eval_every: int = 0
-    log_every: int = 20
-    checkpoint_every: int = 0
+    eval_every: int = checked(0, NON_NEGATIVE)
+    log_every: int = checked(20, NON_NEGATIVE)
+    checkpoint_every: int = checked(0, NON_NEGATIVE)
     checkpoint_dir: str = "runs/checkpoints"
     resume: bool = True
     resume_changed: bool = False
     nonfinite: Literal["stop", "skip"] = "stop"
-    max_skipped_batches: int = 10
-    evict_every: int = 0
+    max_skipped_batches: int = checked(10, NON_NEGATIVE)
+    evict_every: int = checked(0, NON_NEGATIVE)
     device: Literal["cpu", "cuda"] = "cpu"
     progress: bool = True
 
@@ -196,7 +239,7 @@ class TrackingConfig:
     """
 
     tracking_uri: str = ""
-    experiment: str = "recmem"
+    experiment: str = checked("recmem", non_empty=True)
     run_name: str = ""
     enabled: bool = True
     verbose: bool = False
@@ -225,13 +268,13 @@ class RayConfig:
 
     enabled: bool = True
     address: str = ""
-    num_cpus: int = 0
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    torch_threads: int = 0
+    num_cpus: int = checked(0, NON_NEGATIVE)
+    num_workers: int = checked(1, POSITIVE)
+    cpus_per_worker: float = checked(1.0, POSITIVE)
+    torch_threads: int = checked(0, NON_NEGATIVE)
     storage_path: str = ""
-    run_name: str = "recmem"
-    max_failures: int = 2
+    run_name: str = checked("recmem", non_empty=True)
+    max_failures: int = checked(2, Range(-1))  # Ray's -1: retry forever
     sharding: Literal["auto", "id", "table_wise", "row_wise", "column_wise"] = "auto"
     measure_traffic: bool = False
 
@@ -240,7 +283,7 @@ class RayConfig:
 class Config:
     """The whole job."""
 
-    seed: int = 0
+    seed: int = checked(0, NON_NEGATIVE)
     workdir: str = "."
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -253,7 +296,8 @@ def from_dict(cls: Any, data: Any, path: str = "") -> Any:
     """Build ``cls`` (a dataclass, container or scalar type) from plain YAML data, strictly.
 
     Raises:
-        ConfigError: naming the dotted ``path`` of an unknown key or a value of the wrong type.
+        ConfigError: naming the dotted ``path`` of an unknown key, a value of the wrong type, or one
+            outside its field's ``checked`` range.
     """
     where = path or "<root>"
     origin = typing.get_origin(cls)
@@ -261,12 +305,15 @@ def from_dict(cls: Any, data: Any, path: str = "") -> Any:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
         hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        fields = dataclasses.fields(cls)
+        names = sorted(f.name for f in fields)
+        unknown = [k for k in data if k not in names]
         if unknown:
-            raise ConfigError(f"{_join(path, unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
-        kwargs = {k: from_dict(hints[k], v, _join(path, k)) for k, v in data.items()}
-        return cls(**kwargs)
+            raise ConfigError(f"{_join(path, str(unknown[0]))}: unknown key (known: {', '.join(names)})")
+        built = cls(**{k: from_dict(hints[k], v, _join(path, k)) for k, v in data.items()})
+        for f in fields:  # defaults too, so a default can never drift out of its own range
+            _check_field(f, getattr(built, f.name), _join(path, f.name))
+        return built
     if cls is Any:
         return data
     if origin in (typing.Union, types.UnionType):
@@ -303,7 +350,23 @@ def _scalar(cls: type, data: Any, where: str) -> Any:
         return float(data)
     if cls is int and isinstance(data, bool) or not isinstance(data, cls):
         raise ConfigError(f"{where}: expected {cls.__name__}, got {data!r} ({type(data).__name__})")
+    if cls is float and not math.isfinite(data):
+        raise ConfigError(f"{where}: expected a finite number, got {data!r}")
     return data
+
+
+def _check_field(f: dataclasses.Field, value: Any, where: str) -> None:
+    """Enforce ``f``'s ``checked`` metadata on its built ``value`` (each item of a list)."""
+    if f.metadata.get("non_empty") and not value:
+        unit = "item" if isinstance(value, list) else "character"
+        raise ConfigError(f"{where}: {value!r} is empty; it needs at least one {unit}")
+    allowed = f.metadata.get("allowed")
+    if allowed is None:
+        return
+    items = [(f"{where}.{i}", v) for i, v in enumerate(value)] if isinstance(value, list) else [(where, value)]
+    for key, item in items:
+        if item not in allowed:
+            raise ConfigError(f"{key}: {item!r} is out of range (allowed: {allowed})")
 
 
 def _join(path: str, key: str) -> str:
@@ -317,17 +380,22 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one ``a.b.c=value`` override (value parsed as YAML) to raw config data in place."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr=0.01")
-    key, raw = override.split("=", 1)
+    key, equals, raw = override.partition("=")
     parts = key.strip().split(".")
+    if not equals or not all(parts):
+        raise ConfigError(f"override {override!r}: expected key=value with a dotted key, e.g. train.epochs=2")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = node[_index(node, part, parts[: i + 1])]
-        else:
+        elif isinstance(node, dict):
             node = node.setdefault(part, {})
-    value = yaml.safe_load(raw) if raw.strip() else ""
+        else:
+            raise ConfigError(f"{key}: {'.'.join(parts[:i])} is not a section")
+    try:
+        value = parse_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ConfigError) as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {_yaml_problem(e)}") from None
     if isinstance(node, list):
         node[_index(node, parts[-1], parts)] = value
     elif isinstance(node, dict):
@@ -342,6 +410,59 @@ def _index(node: list, part: str, parts: list[str]) -> int:
     return int(part)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``: a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> plain data, with ``1e-3`` a float.
+
+    Raises:
+        yaml.YAMLError: text that is not YAML.
+        ConfigError: a key given twice in one mapping, naming its dotted path and both lines.
+    """
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _reject_duplicate_keys(node, "")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _reject_duplicate_keys(node: yaml.Node, path: str) -> None:
+    """PyYAML keeps the last of two equal keys silently; a config that says two things is refused."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, _join(path, str(i)))
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if key.value in lines:
+                    raise ConfigError(f"{_join(path, key.value)}: duplicate key on line {line} "
+                                      f"(first on line {lines[key.value]})")
+                lines[key.value] = line
+                _reject_duplicate_keys(value, _join(path, key.value))
+
+
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error on one line: where it is and what is wrong."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + " ".join(str(getattr(e, "problem", None) or e).split())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Load a YAML config, apply ``key=value`` overrides, and check it strictly.
 
@@ -350,7 +471,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         overrides: ``a.b=value`` strings applied after the file.
 
     Raises:
-        ConfigError: a missing or unparsable file, an unknown key, or a wrong type.
+        ConfigError: a missing or unparsable file, a duplicate, unknown or mistyped key, a value out of
+            its range, or fields that contradict each other (see ``_check_rules``); one line each.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -358,18 +480,66 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = parse_yaml(p.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read it as text: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+            raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
     data = _with_default_tables(data)
     for override in overrides:
         apply_override(data, override)
     try:
-        return from_dict(Config, data)
+        cfg = from_dict(Config, data)
+        _check_rules(cfg)
+        return cfg
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        origin = _origin(str(e), path, overrides)
+        raise ConfigError(f"{origin}: {e}" if origin else str(e)) from None
+
+
+def _origin(message: str, path: str | Path | None, overrides: list[str]) -> str:
+    """Where the values an error names came from: the last override that set a key it names (or a
+    section above one), else the file."""
+    for override in reversed(overrides):
+        set_key = override.partition("=")[0].strip()
+        if re.search(rf"(?<![\w.]){re.escape(set_key)}(?!\w)", message):
+            return f"override {override!r}"
+    return str(path or "")
+
+
+def _check_rules(cfg: Config) -> None:
+    """Rules across fields that would otherwise fail only when the model or the data is built."""
+    broken = next(_broken_rules(cfg), None)
+    if broken:
+        raise ConfigError(broken)
+
+
+def _broken_rules(cfg: Config) -> Iterator[str]:
+    """A message per broken rule, naming the keys involved."""
+    m, schema = cfg.model, cfg.data.schema
+    dim = m.tables[0].embedding_dim
+    if m.top_mlp[-1] != 1:
+        yield f"model.top_mlp: {m.top_mlp} must end in 1 (the logit)"
+    if m.arch == "dlrm" and m.bottom_mlp[-1] != dim:
+        yield (f"model.bottom_mlp: {m.bottom_mlp} must end in model.tables.0.embedding_dim={dim} (dlrm's "
+               "interaction takes the bottom MLP's output as one more embedding)")
+    for i, table in enumerate(m.tables):
+        if table.embedding_dim != dim:
+            yield (f"model.tables.{i}.embedding_dim: {table.embedding_dim} differs from "
+                   f"model.tables.0.embedding_dim={dim} (the model stacks every block's embeddings)")
+    roles = [("label", schema.label), *(("dense", c) for c in schema.dense), *(("sparse", c) for c in schema.sparse),
+             ("event_time", schema.event_time), ("true_prob", schema.true_prob)]
+    first_role: dict[str, str] = {}
+    for role, column in roles:
+        if column and column in first_role:
+            yield f"data.schema.{first_role[column]}: column {column!r} is also in data.schema.{role} (one role each)"
+        first_role.setdefault(column, role)
+    if len(cfg.data.raw.delimiter) != 1:
+        yield f"data.raw.delimiter: {cfg.data.raw.delimiter!r} must be one character"
 
 
 def _with_default_tables(data: dict[str, Any]) -> dict[str, Any]:

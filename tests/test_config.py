@@ -19,7 +19,8 @@ def test_defaults_are_a_working_config():
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 3\nmodel:\n  tables:\n    - kind: hash\n      num_embeddings: 10\n")
-    cfg = load_config(path, ["train.learning_rate=0.5", "model.tables.0.embedding_dim=8", "train.precision=bf16"])
+    cfg = load_config(path, ["train.learning_rate=0.5", "model.tables.0.embedding_dim=8", "model.bottom_mlp=[64,8]",
+                             "train.precision=bf16"])
     assert cfg.train.epochs == 3 and cfg.train.learning_rate == 0.5
     assert cfg.model.tables[0].kind == "hash" and cfg.model.tables[0].embedding_dim == 8
     assert cfg.train.precision == "bf16"
