@@ -361,7 +361,7 @@ def _check_field(f: dataclasses.Field, value: Any, where: str) -> None:
         unit = "item" if isinstance(value, list) else "character"
         raise ConfigError(f"{where}: {value!r} is empty; it needs at least one {unit}")
     allowed = f.metadata.get("allowed")
-    if allowed is None:
+    if allowed is None or value is None:
         return
     items = [(f"{where}.{i}", v) for i, v in enumerate(value)] if isinstance(value, list) else [(where, value)]
     for key, item in items:

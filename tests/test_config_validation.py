@@ -227,3 +227,9 @@ def test_bad_override_is_one_line_from_the_cli(capsys, override, fragment):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("recmem train: error: ") and fragment in err, err
+
+
+def test_cli_help_still_works(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "recmem train --config" in capsys.readouterr().out
