@@ -7,17 +7,20 @@ time-ordered, so the tail is the most honest validation set) and the progress ba
 Output under ``out_root``: ``train/part-*.parquet`` and ``valid/part-*.parquet`` with columns
 ``label`` float32, each dense field float32 as DLRM transforms it (``log(1 + max(x, 0))``, missing -> 0),
 each sparse field int64 raw ID (missing -> ``MISSING_ID``), and ``event_time`` int64 seconds when the
-raw log has that column. Malformed rows are counted, reported by line number and skipped; too many
-of them fail the conversion rather than quietly training on a broken file.
+raw log has that column. Malformed rows (wrong width, bad values, bytes that are not UTF-8 text,
+blank lines) are counted, reported by line number and column and skipped; too many of them fail the
+conversion rather than quietly training on a broken file. Reading, compressed files included, is
+:mod:`recmem.data.rawfile`'s job.
+
+Guarantees: the previous ``train/``, ``valid/`` and ``stats/`` under ``out_root`` stay as they were
+unless the whole file converts to at least one row; the temporary output of a failed run is removed.
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,15 +33,14 @@ from tqdm import tqdm
 from recmem.config import RawConfig, SchemaConfig
 from recmem.data.ids import hash_strings, parse_hex
 from recmem.data.layout import PartWriter
+from recmem.data.rawfile import ConversionError, count_lines, read_chunks, read_header, screen_lines, shorten
 
 _MAX_REPORTED = 10
 # Number syntax Arrow's string casts accept (a subset of it), used to find the culprits when a cast fails.
 _FLOAT = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
 _INT = r"^-?\d{1,18}$"
 
-
-class ConversionError(ValueError):
-    """The raw log cannot be converted: the message names the file and what is wrong."""
+__all__ = ["BadLine", "ConversionError", "ConversionReport", "convert_raw"]
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,9 @@ def convert_raw(raw: RawConfig, schema: SchemaConfig, out_root: Path, progress: 
         progress: show a tqdm bar.
 
     Raises:
-        ConversionError: a missing file, missing columns, or more bad rows than
-            ``raw.max_bad_fraction`` allows (naming the count and the first bad lines).
+        ConversionError: a missing, empty, archived or corrupt compressed file, missing columns, no
+            row converted, or more bad rows than ``raw.max_bad_fraction`` allows (naming the count
+            and the first bad lines).
     """
     start = time.perf_counter()
     _check_options(raw)
@@ -109,7 +112,10 @@ def convert_raw(raw: RawConfig, schema: SchemaConfig, out_root: Path, progress: 
         raise ConversionError(f"{path}: raw data file not found (data.raw.path)")
     columns = _raw_columns(path, raw, schema)
     has_time = schema.event_time is not None and schema.event_time in columns
-    total = max(0, _count_lines(path) - int(raw.header))
+    total = max(0, count_lines(path) - int(raw.header))
+    if total == 0:
+        what = "empty but for its header" if raw.header else "empty"
+        raise ConversionError(f"{path}: no data lines (the file is {what}); {out_root} is left as it was")
     split_at = total - _valid_rows(raw, total)
     report = ConversionReport(path=path, rows_read=total)
     tmp = Path(out_root) / ".convert-tmp"
@@ -117,7 +123,7 @@ def convert_raw(raw: RawConfig, schema: SchemaConfig, out_root: Path, progress: 
     writers = {s: PartWriter(tmp / s, _output_schema(schema, has_time), raw.part_rows) for s in ("train", "valid")}
     try:
         with tqdm(total=total, unit="rows", desc=f"convert {path.name}", disable=not progress) as bar:
-            for first, lines in _read_chunks(path, raw):
+            for first, lines in read_chunks(path, raw.chunk_rows, raw.header):
                 table, line_index, bad = _parse_chunk(lines, first, columns, raw, schema, has_time)
                 _record_bad(report, bad, total, raw)
                 # Good rows are in line order, so the split is one cut: two views, no copies.
@@ -127,6 +133,9 @@ def convert_raw(raw: RawConfig, schema: SchemaConfig, out_root: Path, progress: 
                 bar.update(len(lines))
         for split, writer in writers.items():
             report.rows_written[split] = writer.close()
+        if not sum(report.rows_written.values()):
+            raise ConversionError(f"{path}: none of its {total:,} rows converted; {out_root} is left as it was; "
+                                  f"first bad lines:\n{report.describe_bad()}")
         _replace_outputs(Path(out_root), tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,8 +161,7 @@ def _raw_columns(path: Path, raw: RawConfig, schema: SchemaConfig) -> list[str]:
     if raw.columns:
         columns = list(raw.columns)
     elif raw.header:
-        with path.open(newline="") as f:
-            columns = next(csv.reader([f.readline()], delimiter=raw.delimiter), [])
+        columns = next(csv.reader([read_header(path)], delimiter=raw.delimiter), [])
         columns = [c.strip() for c in columns]
     else:
         columns = [schema.label, *schema.dense, *schema.sparse]
@@ -163,31 +171,10 @@ def _raw_columns(path: Path, raw: RawConfig, schema: SchemaConfig) -> list[str]:
     return columns
 
 
-def _count_lines(path: Path) -> int:
-    """Physical lines in ``path`` (a last line without a newline counts), at disk speed."""
-    lines, last = 0, b"\n"
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return lines + (last != b"\n")
-
-
 def _valid_rows(raw: RawConfig, total: int) -> int:
     if raw.valid_rows > 0:
         return min(raw.valid_rows, total)
     return int(round(total * raw.valid_fraction))
-
-
-def _read_chunks(path: Path, raw: RawConfig) -> Iterator[tuple[int, list[bytes]]]:
-    """Yield ``(index of the first data line, lines)`` for consecutive chunks of ``chunk_rows`` lines."""
-    with path.open("rb") as f:
-        if raw.header:
-            f.readline()
-        first = 0
-        while lines := list(itertools.islice(f, raw.chunk_rows)):
-            yield first, lines
-            first += len(lines)
 
 
 def _parse_chunk(
@@ -201,40 +188,80 @@ def _parse_chunk(
         (reasons are spelled out for the first few only: they are all a report shows).
     """
     needed = [schema.label, *schema.dense, *schema.sparse] + ([schema.event_time] if has_time else [])
-    strings, wrong_width = _read_strings(lines, first, columns, needed, raw)
-    line_index = np.delete(np.arange(first, first + len(lines)), [i - first for i, _ in wrong_width])
+    index = np.arange(first, first + len(lines))  # data line index of each line parsed
+    set_aside: list[tuple[int, str]] = []
+    try:
+        strings, wrong_width = _read_strings(lines, columns, needed, raw)
+    except _Refused:
+        # Bytes Arrow cannot take (not UTF-8, a carriage return inside a line): those lines are bad rows.
+        span = f"{first + 1 + int(raw.header)}..{first + len(lines) + int(raw.header)}"
+        screened = screen_lines(lines, raw.delimiter, columns, set(needed))
+        set_aside = [(first + i, reason) for i, reason in screened]
+        keep = np.delete(np.arange(len(lines)), [i for i, _ in screened])
+        lines, index = [lines[i] for i in keep.tolist()], index[keep]
+        try:
+            strings, wrong_width = _read_strings(lines, columns, needed, raw)
+        except _Refused as e:
+            raise ConversionError(f"{raw.path}: cannot parse lines {span}: {e}") from None
+    rows = np.delete(np.arange(len(lines)), [i for i, _ in wrong_width])  # row -> position in lines
+    line_index = index[rows]
+    bad = set_aside + [(int(index[i]), reason) for i, reason in wrong_width]
     out, problems = _convert_columns(strings, schema, raw, has_time)
     reject = np.zeros(len(line_index), dtype=bool)
     for mask, _, _ in problems:
         reject |= mask
     if not reject.any():
-        return out, line_index, wrong_width
+        return out, line_index, sorted(bad)
     rejected = np.flatnonzero(reject)
-    reasons = [_reason(strings, problems, row) if k < _MAX_REPORTED else "" for k, row in enumerate(rejected)]
-    bad = sorted(wrong_width + list(zip(line_index[rejected].tolist(), reasons)))
+    reasons = [
+        _reason(strings, problems, row, lines[rows[row]]) if k < _MAX_REPORTED else ""
+        for k, row in enumerate(rejected)
+    ]
+    bad = sorted(bad + list(zip(line_index[rejected].tolist(), reasons)))
     return {name: values[~reject] for name, values in out.items()}, line_index[~reject], bad
 
 
+class _Refused(Exception):
+    """Arrow could not parse a chunk into one row per line; the message says why."""
+
+
 def _read_strings(
-    lines: list[bytes], first: int, columns: list[str], needed: list[str], raw: RawConfig
+    lines: list[bytes], columns: list[str], needed: list[str], raw: RawConfig
 ) -> tuple[pa.Table, list[tuple[int, str]]]:
-    """The ``needed`` columns of a chunk as strings (empty -> null), and the lines of the wrong width."""
+    """The ``needed`` columns of ``lines`` as strings (empty -> null), and the ``(position in lines,
+    reason)`` of the lines of the wrong width.
+
+    Raises:
+        _Refused: bytes that are not UTF-8, an Arrow error, or rows that do not match the lines one to one.
+    """
     wrong_width: list[tuple[int, str]] = []
+    if not lines:  # every line of the chunk was set aside; Arrow calls an empty input an error
+        return pa.table({name: pa.array([], pa.string()) for name in needed}), wrong_width
+    buffer = b"".join(lines)
+    # An ASCII chunk (Criteo's always are) is UTF-8; that check costs ~1% of parsing it, a full decode 20%.
+    if not buffer.isascii():
+        try:
+            buffer.decode()
+        except UnicodeDecodeError as e:
+            raise _Refused(f"not UTF-8 text ({e.reason})") from None
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         # Single-threaded parsing is what makes row.number (1-based within the chunk) available.
-        reason = f"expected {row.expected_columns} columns, got {row.actual_columns}"
-        wrong_width.append((first + row.number - 1, reason))
+        if row.text.strip():
+            reason = f"expected {row.expected_columns} columns, got {row.actual_columns}"
+        else:
+            reason = "blank line"
+        wrong_width.append((row.number - 1, reason))
         return "skip"
 
     # ~1 MiB blocks parse twice as fast as one big block (cache-sized); a block must hold a whole line.
-    block_size = max(1 << 20, 2 * max(map(len, lines)))
+    block_size = max(1 << 20, 2 * max(map(len, lines), default=0))
     # TSV logs (Criteo) never quote, so a stray '"' there is one bad value, not a field eating lines.
     quote_char = False if raw.delimiter == "\t" else '"'
 
     try:
         strings = pacsv.read_csv(
-            pa.py_buffer(b"".join(lines)),
+            pa.py_buffer(buffer),
             read_options=pacsv.ReadOptions(column_names=columns, use_threads=False, block_size=block_size),
             parse_options=pacsv.ParseOptions(
                 delimiter=raw.delimiter, quote_char=quote_char, invalid_row_handler=on_invalid,
@@ -247,13 +274,11 @@ def _read_strings(
             ),
         )
     except pa.ArrowInvalid as e:
-        raise ConversionError(f"{raw.path}: cannot parse lines {first + 1}..{first + len(lines)}: {e}") from e
+        raise _Refused(shorten(str(e))) from None
     if strings.num_rows + len(wrong_width) != len(lines):
         # Row i must be line i, or every line number (and the split) would be off.
-        raise ConversionError(
-            f"{raw.path}: lines {first + 1}..{first + len(lines)} parse into {strings.num_rows + len(wrong_width)} "
-            f"rows, not {len(lines)}: a stray carriage return or a quoted value spanning lines?"
-        )
+        raise _Refused(f"they parse into {strings.num_rows + len(wrong_width)} rows, not {len(lines)}: "
+                       "a quoted value spanning lines?")
     return strings, wrong_width
 
 
@@ -314,10 +339,12 @@ def _parse_time(strings: pa.ChunkedArray, time_format: str) -> tuple[np.ndarray,
     return seconds, bad
 
 
-def _reason(strings: pa.Table, problems: list[tuple[np.ndarray, str, str]], row: int) -> str:
-    """The first failed check of ``row``, with the offending raw value."""
+def _reason(strings: pa.Table, problems: list[tuple[np.ndarray, str, str]], row: int, line: bytes) -> str:
+    """Why ``row`` (raw ``line``) is bad: a blank line, or its first failed check with the raw value."""
+    if not line.strip():
+        return "blank line"
     _, name, problem = next(p for p in problems if p[0][row])
-    return f"{name}: {problem} (got {strings[name][row].as_py() or ''!r})"
+    return f"{name}: {problem} (got {shorten(strings[name][row].as_py() or '')})"
 
 
 def _record_bad(report: ConversionReport, bad: list[tuple[int, str]], total: int, raw: RawConfig) -> None:
