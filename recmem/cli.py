@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from recmem.config import Config, ConfigError, load_config
+from recmem.lock import LockedError, exclusive
+from recmem.tracking.outbox import TrackingUnavailable
 
 COMMANDS = {
     "generate": "write recmem's synthetic Criteo-shaped click log (Parquet + feature statistics) to data.root",
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet_libraries()
         return {"generate": _generate, "prepare": _prepare, "train": _train,
                 "evaluate": _evaluate, "quickstart": _quickstart}[args.command](cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, LockedError, TrackingUnavailable, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(cfg: Config) -> int:
     from recmem.data.synthetic import generate
 
-    summary = generate(cfg.data.synthetic, cfg.data.schema, Path(cfg.data.root), progress=True)
+    with exclusive(cfg.data.root, "generate"):
+        summary = generate(cfg.data.synthetic, cfg.data.schema, Path(cfg.data.root), progress=True)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -84,9 +87,10 @@ def _prepare(cfg: Config) -> int:
     from recmem.data.convert import convert_raw
     from recmem.data.stats import write_stats
 
-    report = convert_raw(cfg.data.raw, cfg.data.schema, Path(cfg.data.root), progress=True)
-    print(report)
-    write_stats(Path(cfg.data.root), cfg.data.schema)
+    with exclusive(cfg.data.root, "prepare"):  # one writer of data.root's splits and stats at a time
+        report = convert_raw(cfg.data.raw, cfg.data.schema, Path(cfg.data.root), progress=True)
+        print(report)
+        write_stats(Path(cfg.data.root), cfg.data.schema)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`recmem prepare` on dirty, compressed and empty input (issue 9, item 6).
+"""`recmem prepare` on dirty, compressed, empty and contended input (issue 9, items 5 and 6).
 
 Each test builds a 1,000-line Criteo TSV from the tiny fixture, damages it one way, and checks that
 the damage costs exactly the damaged rows (with absolute line numbers and column names), or fails
@@ -11,6 +11,9 @@ import bz2
 import gzip
 import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -160,3 +163,28 @@ def test_a_huge_bad_value_is_cut_in_the_report(tmp_path):
     (bad,) = report.first_bad
     assert bad.line == 500 and bad.reason.startswith("I3: not a finite number (got '9999999999xxx")
     assert "(1,000,010 characters)" in bad.reason and len(bad.reason) < 150 and len(str(report)) < 400
+
+
+def test_a_second_prepare_on_a_held_root_is_refused_at_once(tmp_path, capsys):
+    root = tmp_path / "root"
+    assert _prepare(root, _write(tmp_path / "raw.tsv", _lines()), capsys)[0] == 0
+    before = _snapshot(root)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom recmem.lock import exclusive\n"
+         f"with exclusive({str(root)!r}, 'prepare'):\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        rc, err = _prepare(root, tmp_path / "raw.tsv", capsys)
+        assert time.monotonic() - started < 5
+        assert rc == 2 and err.count("\n") == 1 and f"prepare (pid {holder.pid} on host" in err
+        assert main(["generate", f"data.root={root}"]) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    before.pop(".recmem.lock")
+    after = _snapshot(root)
+    after.pop(".recmem.lock")
+    assert after == before
