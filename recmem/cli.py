@@ -13,7 +13,6 @@ from pathlib import Path
 
 from recmem.config import Config, ConfigError, load_config
 from recmem.lock import LockedError, exclusive
-from recmem.tracking.outbox import TrackingUnavailable
 
 COMMANDS = {
     "generate": "write recmem's synthetic Criteo-shaped click log (Parquet + feature statistics) to data.root",
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet_libraries()
         return {"generate": _generate, "prepare": _prepare, "train": _train,
                 "evaluate": _evaluate, "quickstart": _quickstart}[args.command](cfg)
-    except (ConfigError, FileNotFoundError, LockedError, TrackingUnavailable, ValueError) as e:
+    except (ConfigError, FileNotFoundError, LockedError, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
 
