@@ -62,10 +62,12 @@ def test_checkpoints_are_atomic_and_corruption_falls_back(tmp_path):
     (tmp_path / ".step-000000003.pt.tmp-1").write_bytes(b"half a file")  # a crash mid-write
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000001.pt", "step-000000002.pt"]
     list_checkpoints(tmp_path)[-1].write_bytes(b"garbage")  # the newest is corrupt
-    assert torch.equal(load_latest(tmp_path)["x"], torch.ones(2))
+    state, path = load_latest(tmp_path)
+    assert torch.equal(state["x"], torch.ones(2)) and path.name == "step-000000001.pt"
     for step in range(3, 6):
         save_checkpoint(tmp_path, step, {"x": torch.zeros(1)}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000004.pt", "step-000000005.pt"]
+    assert sorted(p.name for p in tmp_path.glob("step-*.json")) == ["step-000000004.json", "step-000000005.json"]
 
 
 def test_metrics_match_definitions():

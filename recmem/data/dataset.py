@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from recmem.config import SchemaConfig
 from recmem.data.batch import Batch
 from recmem.data.collate import collate
-from recmem.data.layout import SplitIndex, count_rows, index_split
+from recmem.data.layout import DataError, SplitIndex, count_rows, index_split
 
 
 def num_batches(root: Path, split: str, batch_size: int, *, drop_last: bool, rank: int = 0, world_size: int = 1) -> int:
@@ -90,12 +90,15 @@ def read_ranges(index: SplitIndex, schema: SchemaConfig, ranges: Iterable[tuple[
 
     Yields:
         Batches of ``end - begin`` rows each.
+
+    Raises:
+        DataError: a row group read holds a label outside [0, 1] or a NaN or infinite dense value.
     """
     order = np.arange(len(index.groups))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(index.groups))
     starts = np.concatenate([[0], np.cumsum([index.groups[g][2] for g in order])])  # [G + 1]
-    reader = _GroupReader(index, shuffle_seed)
+    reader = _GroupReader(index, schema, shuffle_seed)
     for begin, end in ranges:
         pieces = []
         position = int(np.searchsorted(starts, begin, side="right")) - 1
@@ -118,8 +121,9 @@ def _batch_indices(rows: int, batch_size: int, drop_last: bool, start_batch: int
 class _GroupReader:
     """Reads one row group at a time, keeping the last one: consecutive batches mostly share it."""
 
-    def __init__(self, index: SplitIndex, shuffle_seed: int | None) -> None:
+    def __init__(self, index: SplitIndex, schema: SchemaConfig, shuffle_seed: int | None) -> None:
         self.index = index
+        self.schema = schema
         self.shuffle_seed = shuffle_seed
         self._fs = index.filesystem()
         self._cached: tuple[int, pa.Table] | None = None
@@ -133,8 +137,32 @@ class _GroupReader:
         if self._file is None or self._file[0] != part:
             self._file = (part, pq.ParquetFile(self.index.paths[part], filesystem=self._fs))
         table = self._file[1].read_row_group(group, columns=list(self.index.columns))
+        self._check_values(table, part, group)
         if self.shuffle_seed is not None:
             # Seeded by (seed, group) so the permutation does not depend on which groups were skipped.
             table = table.take(np.random.default_rng([self.shuffle_seed, group_id]).permutation(table.num_rows))
         self._cached = (group_id, table)
         return table
+
+    def _check_values(self, table: pa.Table, part: int, group: int) -> None:
+        """Refuse a row group whose labels leave [0, 1] (or are missing) or whose dense features hold
+        NaN or infinity: the loss would be garbage or NaN far from the file that caused it.
+
+        Raises:
+            DataError: naming the file, the row (0-based, within the file), the column and the value.
+        """
+        for name, dense in ((self.schema.label, False), *((d, True) for d in self.schema.dense)):
+            column = table.column(name)
+            if dense and not pa.types.is_floating(column.type):
+                continue  # integers are finite
+            values = column.to_numpy(zero_copy_only=False)  # nulls -> NaN
+            ok = np.isfinite(values) if dense else (values >= 0) & (values <= 1)
+            if dense and column.null_count:
+                ok |= column.is_null().to_numpy(zero_copy_only=False)  # a missing dense value reads as 0
+            if not ok.all():
+                row = int(np.argmin(ok))
+                before = sum(self._file[1].metadata.row_group(g).num_rows for g in range(group))
+                what = "NaN or infinity" if dense else "a label outside [0, 1] (or missing)"
+                raise DataError(f"{self.index.paths[part]}: row {before + row} (row group {group}), column "
+                                f"{name!r} holds {values[row]!r}: {what}; {int((~ok).sum())} such rows in "
+                                "this row group")

@@ -9,6 +9,8 @@ only pyarrow, so the data preparation commands and a Ray driver can use it witho
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,12 +113,16 @@ class SplitIndex:
         groups: (index into ``paths``, row group, rows) of every row group, in reading order.
         columns: what to read: the schema's columns, plus event time and true probability when the
             first part has them.
+        fingerprint: a digest of the parts' names and every row group's rows and stored bytes: it
+            changes when the data is rewritten with other content (checkpoints record it, so a
+            resume over changed data is noticed).
     """
 
     root: str
     paths: tuple[str, ...]
     groups: tuple[tuple[int, int, int], ...]
     columns: tuple[str, ...]
+    fingerprint: str = ""
 
     @property
     def rows(self) -> int:
@@ -141,6 +147,7 @@ def index_split(root: str | Path, split: str, schema: SchemaConfig) -> SplitInde
     optional = [c for c in (schema.event_time, schema.true_prob) if c is not None and c in first]
     columns = [schema.label, *schema.dense, *schema.sparse, *optional]
     groups = []
+    digest = hashlib.sha256()
     for i, path in enumerate(paths):
         meta = pq.read_metadata(path, filesystem=fs)
         names = set(meta.schema.names)
@@ -148,7 +155,24 @@ def index_split(root: str | Path, split: str, schema: SchemaConfig) -> SplitInde
         if missing:
             raise DataError(f"{path}: column {missing[0]!r} of the schema is missing (columns: {sorted(names)})")
         groups.extend((i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
-    return SplitIndex(str(root), tuple(paths), tuple(groups), tuple(columns))
+        sizes = [(meta.row_group(g).num_rows, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups)]
+        digest.update(f"{posixpath.basename(path)}:{sizes}\n".encode())
+    return SplitIndex(str(root), tuple(paths), tuple(groups), tuple(columns), digest.hexdigest()[:16])
+
+
+def check_trainable(splits: dict[str, SplitIndex], batch_size: int) -> None:
+    """Fail before training when ``splits`` cannot give a run its steps and its validation: the
+    training split holds less than one batch (``batch_size`` global rows), the validation split none.
+
+    Raises:
+        DataError: naming the split, its rows and its folder.
+    """
+    train, valid = splits.get("train"), splits.get("valid")
+    if train is not None and train.rows < batch_size:
+        raise DataError(f"{train.root}/train holds {train.rows:,} rows, less than one batch "
+                        f"(data.batch_size={batch_size}): no step would train")
+    if valid is not None and valid.rows == 0:
+        raise DataError(f"{valid.root}/valid holds no rows: the run could not be validated")
 
 
 def split_files(root: str | Path, split: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:

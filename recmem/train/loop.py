@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,11 +14,14 @@ from tqdm import tqdm
 
 from recmem.config import Config
 from recmem.data.batch import Batch
+from recmem.data.layout import index_split
 from recmem.models import CTRModel, build_model
 from recmem.tables.base import Evictable
 from recmem.train.checkpoint import CheckpointStore, LocalCheckpoints
 from recmem.train.device import dense_device, dense_precision, precision_note
+from recmem.train.guards import TrainingDiverged, any_rank, nonfinite_tensors, state_bytes, why_nonfinite, world_size
 from recmem.train.metrics import MetricAccumulator
+from recmem.train.resume import resume_key
 from recmem.tracking.logger import RunLogger
 from recmem.tracking.plots import plt, training_curve
 
@@ -34,6 +38,9 @@ class TrainResult:
     samples_per_second: float
     run: str
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: str | None = None
+    """The checkpoint the run continued from (None: it started afresh)."""
+
 
 
 def make_dense_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -65,7 +72,7 @@ def evaluate(model: CTRModel, batches: Iterator[Batch], split: str = "valid") ->
         for batch in batches:
             acc.update(batch, model(batch))
     model.train()
-    if _world_size() > 1:
+    if world_size() > 1:
         acc.all_gather()
     return acc.compute()
 
@@ -73,10 +80,6 @@ def evaluate(model: CTRModel, batches: Iterator[Batch], split: str = "valid") ->
 def _startup_metrics(started_at: float, marks: dict[str, float]) -> dict[str, float]:
     """``startup/<mark>_s``: seconds from the command's start to each mark (Unix times)."""
     return {f"startup/{name}_s": at - started_at for name, at in marks.items()}
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def train(
@@ -121,8 +124,25 @@ def train(
     t = cfg.train
     model = model or build_job_model(cfg)
     optimizer = make_dense_optimizer(cfg, list(model.dense.parameters()))
+    if store is None:
+        key = resume_key(cfg, index_split(cfg.data.root, "train", cfg.data.schema))
+        store = LocalCheckpoints(Path(cfg.workdir) / t.checkpoint_dir, t.resume, key=key,
+                                 resume_changed=t.resume_changed)
+    # Pre-flight: a checkpoint that cannot be written fails now, not after the training it would keep.
+    with store.session(state_bytes(model, optimizer)):
+        return _train(cfg, source, model, optimizer, store, rank=rank, track=track, run_id=run_id,
+                      params=params, extra_metrics=extra_metrics, started_at=started_at, marks=marks)
+
+
+def _train(
+    cfg: Config, source: BatchSource, model: CTRModel, optimizer: torch.optim.Optimizer,
+    store: CheckpointStore, *, rank: int, track: bool, run_id: str | None, params: dict[str, str] | None,
+    extra_metrics: Callable[[], dict[str, float]] | None, started_at: float | None,
+    marks: dict[str, float] | None,
+) -> TrainResult:
+    """:func:`train`'s loop, once the store is held (the arguments are :func:`train`'s)."""
+    t = cfg.train
     evictable = [m for m in model.tables.tables if isinstance(m, Evictable)]
-    store = store or LocalCheckpoints(Path(cfg.workdir) / t.checkpoint_dir, resume=t.resume)
     state = store.load()
     step, epoch, position = 0, 0, 0
     if state is not None:
@@ -130,18 +150,24 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         run_id = state["run_id"] or run_id
+        if rank == 0:
+            tqdm.write(f"recmem: resumed from {store.loaded_from} at step {step} (epoch {epoch}, batch {position})")
     log = RunLogger(cfg, enabled=track and rank == 0, run_id=run_id)
     precision = "bf16" if model.bf16 else "fp32"  # train.precision as resolved for this device
     log.log_params({"train.precision_used": precision, **(params or {})})
     if rank == 0:
         tqdm.write(precision_note(t, precision))
-    reported: dict[str, float] = {}
+    reported: dict[str, float] = {} if state is None else {"resume/step": float(step)}
 
     def checkpoint() -> None:
-        store.save(step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "step": step, "epoch": epoch, "position": position, "run_id": log.run_id,
-        }, {"step": float(step), **reported})
+        snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": step, "epoch": epoch, "position": position, "run_id": log.run_id}
+        bad = any_rank(", ".join(nonfinite_tensors(snapshot)[:5]) or None)
+        if bad:  # a checkpoint of NaN weights would rotate a good one out
+            raise TrainingDiverged(f"step {step}: non-finite weights ({bad}); no checkpoint written, the "
+                                   f"previous one is intact. Lower train.learning_rate (now {t.learning_rate:g}) "
+                                   "or the tables' learning rates")
+        store.save(step, snapshot, {"step": float(step), **reported})
 
     def validate() -> dict[str, float]:
         metrics = evaluate(model, source("valid", 0, 0))
@@ -154,7 +180,7 @@ def train(
         return metrics
 
     history: list[dict[str, float]] = []
-    trained, train_seconds, data_seconds, loss_sum, loss_n = 0, 0.0, 0.0, 0.0, 0
+    trained, train_seconds, data_seconds, loss_sum, loss_n, skipped = 0, 0.0, 0.0, 0.0, 0, 0
     first_step = step
     bar = tqdm(desc="train", unit="batch", disable=not (t.progress and rank == 0), initial=step)
     done = False
@@ -168,12 +194,27 @@ def train(
                 for table in evictable:
                     table.observe_time(now)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            value = float(loss.detach())
+            problem = any_rank(None if math.isfinite(value) else why_nonfinite(batch, value))
+            if problem is None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # the tables' fused optimizers update here
+                optimizer.step()
+                loss_sum, loss_n = loss_sum + value, loss_n + 1
+            else:  # no update anywhere: the batch is left out, or the run stops here
+                skipped += 1
+                log.log_metrics({"train/loss": value, "train/skipped_batches": float(skipped)}, step + 1)
+                if t.nonfinite == "stop" or skipped > t.max_skipped_batches:
+                    limit = "" if t.nonfinite == "stop" else f" ({skipped} skipped, over train.max_skipped_batches)"
+                    raise TrainingDiverged(
+                        f"step {step + 1} (epoch {epoch}, batch {position}): non-finite {problem}{limit}. "
+                        f"Lower train.learning_rate (now {t.learning_rate:g}) or the tables' learning "
+                        "rates, or set train.nonfinite=skip to leave such batches out; checkpoints "
+                        "already written are intact")
+                if rank == 0:
+                    tqdm.write(f"recmem: step {step + 1}: skipped a batch with non-finite {problem}")
             train_seconds += time.perf_counter() - tick
             step, position, trained = step + 1, position + 1, trained + len(batch)
-            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             bar.update()
             if step == first_step + 1 and started_at is not None:
                 startup = _startup_metrics(started_at, {**(marks or {}), "first_step": time.time()})
@@ -182,8 +223,8 @@ def train(
             if t.evict_every and step % t.evict_every == 0 and now is not None:
                 for table in evictable:
                     table.evict(now)
-            if t.log_every and step % t.log_every == 0:
-                sps = trained * _world_size() / max(train_seconds, 1e-9)
+            if t.log_every and step % t.log_every == 0 and loss_n:
+                sps = trained * world_size() / max(train_seconds, 1e-9)
                 logged = {"train/loss": loss_sum / loss_n, "train/samples_per_second": sps}
                 reported.update(logged)
                 log.log_metrics(logged, step)
@@ -202,9 +243,10 @@ def train(
             epoch, position = epoch + 1, 0
     bar.close()
     metrics = validate()
-    sps = trained * _world_size() / max(train_seconds, 1e-9)  # every worker's rows
+    sps = trained * world_size() / max(train_seconds, 1e-9)  # every worker's rows
     rates = {"train/samples_per_second": sps, "train/data_wait_seconds": data_seconds,
-             "train/pass_samples_per_second": trained * _world_size() / max(train_seconds + data_seconds, 1e-9)}
+             "train/skipped_batches": float(skipped),
+             "train/pass_samples_per_second": trained * world_size() / max(train_seconds + data_seconds, 1e-9)}
     reported.update(rates)
     checkpoint()
     log.log_metrics(rates, step)
@@ -213,4 +255,4 @@ def train(
         log.log_figure(figure, "training_curve.png")
         plt.close(figure)
     log.close()
-    return TrainResult(step, metrics, sps, log.run_url(), history)
+    return TrainResult(step, metrics, sps, log.run_url(), history, store.loaded_from)
