@@ -16,7 +16,9 @@ import torch
 
 from recmem.cli import main
 from recmem.train.distributed import evaluate_ray
-from recmem.train.distributed.store import RayCheckpoints, complete_checkpoints, latest_checkpoint, shard_name
+from recmem.train.distributed.store import (
+    RayCheckpoints, complete_checkpoints, latest_checkpoint, shard_name, write_shard,
+)
 from tests.conftest import tiny_config
 
 
@@ -66,10 +68,11 @@ def test_one_worker_resumes_from_the_checkpoint_before_a_corrupt_one(tmp_path, m
     run = tmp_path / "recmem"
     folders = [_checkpoint(run, f"checkpoint_{step:02d}", step, range(1), world_size=1) for step in (4, 8)]
     for folder, step in zip(folders, (4, 8)):
-        torch.save({"step": step}, folder / shard_name(0))
+        write_shard(folder, 0, {"step": step})
     (folders[1] / shard_name(0)).write_bytes(b"garbage")
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(folders[1])))
-    assert RayCheckpoints(0, 1, {}).load() == {"step": 4}
+    store = RayCheckpoints(0, 1, {})
+    assert store.load() == {"step": 4} and store.loaded_from == str(folders[0])
     assert f"skipping checkpoint {folders[1]}, a shard does not load (rank 0: " in capsys.readouterr().out
     (folders[0] / shard_name(0)).write_bytes(b"")
     with pytest.raises(RuntimeError, match=f"no checkpoint of the Ray run {run} loads on all 1 workers"):

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from recmem.config import Config, ConfigError
-from recmem.data.layout import SplitIndex, index_split
+from recmem.data.layout import SplitIndex, check_trainable, index_split
 
 if TYPE_CHECKING:
     from recmem.data.batch import Batch
@@ -51,11 +51,14 @@ def plan_splits(cfg: Config, world_size: int, splits: tuple[str, ...] = SPLITS) 
 
     Raises:
         FileNotFoundError: the data root or a split is missing.
-        DataError: a part lacks a column of the schema.
+        DataError: a part lacks a column of the schema, or a split is too small (see
+            :func:`~recmem.data.layout.check_trainable`).
         ConfigError: the batch does not split over the workers.
     """
     local_batch_size(cfg, world_size)
-    return {split: index_split(cfg.data.root, split, cfg.data.schema) for split in splits}
+    indexes = {split: index_split(cfg.data.root, split, cfg.data.schema) for split in splits}
+    check_trainable(indexes, cfg.data.batch_size)
+    return indexes
 
 
 def worker_ranges(rows: int, batch_size: int, world_size: int, rank: int, *, train: bool) -> list[tuple[int, int]]:

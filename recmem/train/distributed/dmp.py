@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -130,13 +131,14 @@ class DmpTables(torch.nn.Module):
         return super().train(mode)
 
     def get_extra_state(self) -> dict[str, Any]:
-        """This worker's shards of the rows and of their optimizer state (``ShardedTensor``s)."""
-        return {"weights": self.dmp.state_dict(), "optimizer": self.dmp.fused_optimizer.state_dict()}
+        """This worker's shards of the rows and of their optimizer state, as plain tensors (see
+        :func:`_plain`): a checkpoint then loads with ``weights_only`` and no pickled classes."""
+        return {"weights": _plain(self.dmp.state_dict()), "optimizer": _plain(self.dmp.fused_optimizer.state_dict())}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`get_extra_state` saved (same workers and layout)."""
-        self.dmp.load_state_dict(state["weights"])
-        self.dmp.fused_optimizer.load_state_dict(state["optimizer"])
+        self.dmp.load_state_dict(_filled(self.dmp.state_dict(), state["weights"]))
+        self.dmp.fused_optimizer.load_state_dict(_filled(self.dmp.fused_optimizer.state_dict(), state["optimizer"]))
 
     @torch.no_grad()
     def _start_from(self, rows: list[int], seed: int) -> None:
@@ -167,6 +169,41 @@ class DmpTables(torch.nn.Module):
     def stats(self) -> dict[str, float]:
         """Rows held on this worker (a column-wise part counts its rows once per part)."""
         return {"rows": float(sum(part.shape[0] for held in self._local_parts().values() for *_, part in held))}
+
+
+def _plain(state: Any) -> Any:
+    """``state`` with each ``ShardedTensor`` replaced by ``{"local_shards": [tensor, ...], "offsets":
+    [[row, column], ...]}``, this worker's parts of it (nested dicts and lists are walked)."""
+    if isinstance(state, ShardedTensor):
+        shards = state.local_shards()
+        return {"local_shards": [s.tensor for s in shards], "offsets": [list(s.metadata.shard_offsets) for s in shards]}
+    if isinstance(state, dict):
+        return {k: _plain(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_plain(v) for v in state)
+    return state
+
+
+def _filled(template: Any, saved: Any, where: str = "") -> Any:
+    """``saved`` (from :func:`_plain`) as a state to load: each of its sharded entries copied into the
+    ``ShardedTensor`` at the same place in ``template`` (a state of the same module, this worker's).
+
+    Raises:
+        ValueError: a saved entry holds other parts than this worker's (another plan or rank).
+    """
+    if isinstance(template, ShardedTensor):
+        shards = template.local_shards()
+        offsets = [list(s.metadata.shard_offsets) for s in shards]
+        if not isinstance(saved, dict) or saved.get("offsets") != offsets:
+            raise ValueError(f"{where}: the checkpoint holds other parts than this worker's {offsets}")
+        for shard, tensor in zip(shards, saved["local_shards"]):
+            shard.tensor.detach().copy_(tensor)
+        return template
+    if isinstance(template, dict) and isinstance(saved, dict):
+        return {k: _filled(template[k], v, f"{where}.{k}") if k in template else v for k, v in saved.items()}
+    if isinstance(template, (list, tuple)) and isinstance(saved, (list, tuple)) and len(template) == len(saved):
+        return type(saved)(_filled(t, v, f"{where}.{i}") for i, (t, v) in enumerate(zip(template, saved)))
+    return saved
 
 
 class _quiet:

@@ -8,13 +8,15 @@ seconds and memory it does not need.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import posixpath
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,10 @@ from typing import Any
 import pyarrow.fs
 
 from recmem.config import Config, ConfigError
-from recmem.tracking.logger import RunLogger, default_tracking_uri, warm_tracking
+from recmem.lock import exclusive
+from recmem.tracking.logger import RunLogger, check_tracking, default_tracking_uri, warm_tracking
+from recmem.train.distributed.store import latest_checkpoint
+from recmem.train.resume import check_resume, resume_key
 
 _RUN_FILE = "recmem_run.json"
 """Beside Ray's checkpoints of a run: the MLflow run it logs into, so a resubmitted job continues it."""
@@ -44,14 +49,27 @@ def train_ray(cfg: Config, started_at: float | None = None) -> RayTrainResult:
 
     Connects to ``ray.address`` / ``RAY_ADDRESS`` or starts an embedded local Ray (shut down again
     afterwards; a Ray the caller already started is left running). A failed worker group restarts
-    from the latest checkpoint up to ``ray.max_failures`` times; running the same job again (same
-    ``ray.run_name`` and storage, ``train.resume``) continues from it and into the same MLflow run.
+    from the latest checkpoint up to ``ray.max_failures`` times, unless a worker failed with a
+    ``ValueError`` (bad config or data, a refused resume, a diverged loss: it would fail the same way
+    again); running the same job again (same ``ray.run_name`` and storage, ``train.resume``)
+    continues from it and into the same MLflow run.
+
+    Before Ray starts, the driver checks what it can (pre-flight): the splits exist and are large
+    enough, the run's storage folder is writable (and, on a local disk, takes its lock: a second
+    driver on the same run fails at once, naming this one), and a checkpoint to resume was written
+    for this model config and training data.
     ``started_at`` (Unix time the command started) turns on the ``startup/*`` metrics: seconds to
     Ray ready, the MLflow run open, the workers started, their model built, the first step.
 
     Raises:
-        ConfigError: a config the workers cannot split (e.g. a batch that does not divide), or
-            ``train.device: cuda`` on a cluster without a GPU per worker.
+        ConfigError: a config the workers cannot split (e.g. a batch that does not divide),
+            ``train.device: cuda`` on a cluster without a GPU per worker, or a checkpoint to
+            resume that does not match (``resume.ResumeError``).
+        DataError: a split too small to train or validate.
+        LockedError: another driver trains the same run.
+        TrackingUnavailable: the MLflow tracking server does not answer (found before Ray starts).
+        OSError: the storage is not writable.
+        ValueError: what a worker raised for bad data or a diverged loss.
         ray.train.TrainingFailedError: the workers failed more than ``ray.max_failures`` times.
     """
     import ray
@@ -60,29 +78,35 @@ def train_ray(cfg: Config, started_at: float | None = None) -> RayTrainResult:
     from recmem.train.distributed.worker import train_worker
 
     cfg = resolve_paths(cfg)
-    data = plan_splits(cfg, cfg.ray.num_workers)  # a missing split fails here, before Ray starts
-    tracking = warm_tracking(cfg)
-    started = _init_ray(cfg)
-    marks = {"ray_ready": time.time()}
-    tracking.join()
-    try:
-        _check_gpus(cfg)
-        storage, name = _storage(cfg)
-        log = RunLogger(cfg, run_id=_previous_run(storage, name) if cfg.train.resume else None)
-        _remember_run(storage, name, log.run_id)
-        marks["mlflow_ready"] = time.time()
+    data = plan_splits(cfg, cfg.ray.num_workers)  # a missing or empty split fails here, before Ray starts
+    check_tracking(cfg)  # so does a tracking server that does not answer
+    storage, name = _storage(cfg)
+    key = resume_key(cfg, data["train"])
+    with _claim_run(storage, name):
+        if cfg.train.resume:
+            _check_resume(storage, name, key, cfg.train.resume_changed)
+        tracking = warm_tracking(cfg)
+        started = _init_ray(cfg)
+        marks = {"ray_ready": time.time()}
+        tracking.join()
         try:
-            payload = {"config": cfg, "run_id": log.run_id, "data": data, "started_at": started_at, "marks": marks}
-            # The workers' rank 0 logs into the run; a bar drawn on a worker would reach this console
-            # through Ray's log forwarding as one line per redraw, so this process draws it.
-            with log.following(cfg.train.progress):
-                result = _trainer(cfg, storage, name, train_worker, payload).fit()
-        except BaseException:
-            log.close("FAILED")
-            raise
-    finally:
-        if started:
-            ray.shutdown()
+            _check_gpus(cfg)
+            log = RunLogger(cfg, run_id=_previous_run(storage, name) if cfg.train.resume else None)
+            _remember_run(storage, name, log.run_id)
+            marks["mlflow_ready"] = time.time()
+            try:
+                payload = {"config": cfg, "run_id": log.run_id, "data": data, "key": key,
+                           "started_at": started_at, "marks": marks}
+                # The workers' rank 0 logs into the run; a bar drawn on a worker would reach this
+                # console through Ray's log forwarding as one line per redraw, so this process draws it.
+                with log.following(cfg.train.progress):
+                    result = _fit(lambda: _trainer(cfg, storage, name, train_worker, payload), cfg.ray.max_failures)
+            except BaseException:
+                log.close("FAILED")
+                raise
+        finally:
+            if started:
+                ray.shutdown()
     log.close()
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     return RayTrainResult(
@@ -114,7 +138,6 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
     import ray
 
     from recmem.train.distributed.data import plan_splits
-    from recmem.train.distributed.store import latest_checkpoint
     from recmem.train.distributed.worker import evaluate_worker
 
     cfg = resolve_paths(cfg)
@@ -127,16 +150,15 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
     if workers != cfg.ray.num_workers:
         warnings.warn(f"{folder} was written by {workers} workers: evaluating on {workers}, "
                       f"not ray.num_workers={cfg.ray.num_workers}", stacklevel=2)
-    # No retries: a plan that does not match fails the same way every time.
-    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_workers=workers, max_failures=0))
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_workers=workers))
     data = plan_splits(cfg, workers, (split,))
     started = _init_ray(cfg)
     try:
         _check_gpus(cfg)
         payload = {"config": cfg, "run": (fs, posixpath.dirname(folder.rstrip("/"))), "split": split, "data": data}
-        trainer = _trainer(cfg, storage, f"{name}-evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
-                           evaluate_worker, payload)
-        result = _fit_raising_value_errors(trainer)
+        evaluation = f"{name}-evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+        # No retries: what fails here (a plan that does not match, no loadable shard) fails again.
+        result = _fit(lambda: _trainer(cfg, storage, evaluation, evaluate_worker, payload), retries=0)
     finally:
         if started:
             ray.shutdown()
@@ -226,18 +248,73 @@ def _no_checkpoint_message(storage: str, name: str) -> str:
             f"config first (a run trained with train.resume=false is named '{name}-<time>'){others}")
 
 
-def _fit_raising_value_errors(trainer: Any) -> Any:
-    """``trainer.fit()``; a ValueError that every failed worker raised is raised as itself, not wrapped
-    in Ray's error, so that the CLI reports it as the config error it is (e.g. a plan mismatch)."""
+def _fit(make_trainer: Callable[[], Any], retries: int) -> Any:
+    """Fit a fresh trainer from ``make_trainer()`` until it succeeds, at most ``1 + retries`` times.
+
+    Each retry is a new worker group on the same run, so the workers resume from its latest
+    checkpoint (Ray's own retries are off: they cannot tell the failures below apart). A
+    ``ValueError`` raised by a worker (bad config or data, a refused resume, a diverged loss) is
+    raised at once as itself, not wrapped in Ray's error: it would fail the same way on every retry,
+    and the CLI reports it in one line.
+    """
     import ray.train
 
+    for attempt in itertools.count(1):
+        try:
+            return make_trainer().fit()
+        except ray.train.TrainingFailedError as e:
+            failures = list(getattr(e, "worker_failures", {}).values())
+            deterministic = [f for f in failures if isinstance(f, ValueError)]
+            if deterministic:
+                raise deterministic[0] from e
+            if attempt > retries:
+                raise
+            first = next(iter(failures), e)
+            why = (str(first).strip().splitlines() or [""])[0][:200]
+            print(f"recmem: a worker failed ({type(first).__name__}: {why}); restarting the workers from "
+                  f"the latest checkpoint (retry {attempt} of {retries})", flush=True)
+
+
+@contextmanager
+def _claim_run(storage: str, name: str) -> Iterator[None]:
+    """Check that the run's folder under ``storage`` is writable and, on a local disk, hold its lock
+    (``recmem.lock``) for the block. A filesystem URI (object stores) cannot be locked this way: one
+    driver per run is then the user's to keep.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+        LockedError: another driver holds the run.
+    """
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+    folder = f"{base.rstrip('/')}/{name}"
+    probe = f"{folder}/.write-probe-{os.getpid()}"
     try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        failures = list(getattr(e, "worker_failures", {}).values())
-        if failures and all(isinstance(f, ValueError) for f in failures):
-            raise failures[0] from e
-        raise
+        fs.create_dir(folder, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"recmem")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise OSError(f"ray.storage_path {storage}: cannot write the run folder {folder} ({e}); "
+                      "set ray.storage_path (or workdir) to a writable place") from None
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        with exclusive(folder, "training"):
+            yield
+    else:
+        yield
+
+
+def _check_resume(storage: str, name: str, key: dict[str, Any], allow_changed: bool) -> None:
+    """Compare the resume key of the run's newest complete checkpoint (if any) with ``key``.
+
+    Raises:
+        ResumeError: they differ and not ``allow_changed`` (see ``resume.check_resume``).
+    """
+    found = latest_checkpoint(storage, name)
+    if found is None:
+        return
+    _, folder, meta = found
+    for line in check_resume(meta.get("resume_key"), key, allow_changed, folder):
+        print(f"recmem: resuming {folder} although it differs (train.resume_changed): {line}", flush=True)
 
 
 def _previous_run(storage: str, name: str) -> str | None:
@@ -274,7 +351,7 @@ def _trainer(cfg: Config, storage: str, name: str, loop: Callable, payload: dict
             num_workers=r.num_workers, use_gpu=gpu, resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=0),  # retried by _fit
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray Train's own INFO lines (worker group start, each checkpoint and report) unless verbose.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.tracking.verbose else "WARNING")),

@@ -1,16 +1,19 @@
 """Checkpoints of a Ray run: one shard per rank, saved and registered together by Ray Train.
 
 At each checkpoint every rank writes ``rank-<r>.pt`` (its tables' rows and optimizer state, the dense
-part, the data position) into a fresh local folder and hands it to ``ray.train.report``; rank 0 adds
-``meta.json``. Ray uploads the folders of all ranks into one checkpoint directory under
+part, the data position) and its record ``rank-<r>.json`` (size and SHA-256) into a fresh local
+folder and hands it to ``ray.train.report``; rank 0 adds ``meta.json`` (step, workers, plan, and the
+job's resume key, which the driver compares before a resume: see ``recmem/train/resume.py``). Ray uploads the folders of all ranks into one checkpoint directory under
 ``ray.storage_path`` (a local folder or any pyarrow/fsspec filesystem) and registers it only once
 every rank's upload is done, so a worker lost mid-save leaves the previous checkpoint as the latest:
 the save is atomic. On a restart (``FailureConfig`` retry, or the same job submitted again) each rank
 reads only its own shard; so does each worker of ``recmem evaluate``, in the run whose newest
 checkpoint the driver found with :func:`latest_checkpoint` (this module imports torch only inside the
-workers' methods). A shard that no longer loads (corrupt, truncated) on any rank makes all ranks use
-the run's previous complete checkpoint instead, since retrying the same one would fail on every
-restart.
+workers' methods). A shard is trusted only when its size and checksum match its record and it
+unpickles as tensors and plain data (``weights_only``: a pickled object that would run code is
+refused unread). A shard that fails any of this (corrupt, truncated, replaced) on any rank makes all
+ranks use the run's previous complete checkpoint instead, since retrying the same one would fail on
+every restart.
 """
 
 from __future__ import annotations
@@ -18,18 +21,37 @@ from __future__ import annotations
 import json
 import posixpath
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
 
 META = "meta.json"
-"""Rank 0's part of every checkpoint: ``{"step", "world_size", "plan"}``."""
+"""Rank 0's part of every checkpoint: ``{"step", "world_size", "plan", "resume_key"}``."""
 
 
 def shard_name(rank: int) -> str:
     """The file of ``rank``'s shard inside a checkpoint folder."""
     return f"rank-{rank:05d}.pt"
+
+
+def record_name(rank: int) -> str:
+    """The record (``{"bytes", "sha256"}``) of ``rank``'s shard inside a checkpoint folder."""
+    return f"rank-{rank:05d}.json"
+
+
+def write_shard(folder: Path, rank: int, state: dict[str, Any]) -> None:
+    """Save ``rank``'s ``state`` into the local ``folder`` with its record (size and checksum)."""
+    import torch
+
+    from recmem.train.checkpoint import file_sha256
+
+    path = Path(folder) / shard_name(rank)
+    torch.save(state, path)
+    record = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    (Path(folder) / record_name(rank)).write_text(json.dumps(record))
 
 
 def latest_checkpoint(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str, dict[str, Any]] | None:
@@ -105,12 +127,28 @@ class RayCheckpoints:
         rank: this worker.
         world_size: the number of workers; a checkpoint only resumes on as many.
         plan: the sharding plan; a checkpoint only resumes under the same one.
+        key: the job's resume key, recorded in ``meta.json`` (the driver compares it on resume).
     """
 
-    def __init__(self, rank: int, world_size: int, plan: dict[str, str]) -> None:
+    def __init__(self, rank: int, world_size: int, plan: dict[str, str], key: dict[str, Any] | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.plan = dict(plan)
+        self.key = key
+        self.loaded_from: str | None = None
+
+    @contextmanager
+    def session(self, state_bytes: int) -> Iterator[None]:
+        """Check that this worker's local temporary folder, where its shard is written before Ray
+        uploads it, has room for it (the driver checked the storage and holds the run's lock).
+
+        Raises:
+            OSError: the temporary folder is not writable or its disk is too full.
+        """
+        from recmem.train.checkpoint import check_writable
+
+        check_writable(Path(tempfile.gettempdir()), state_bytes)
+        yield
 
     def load(self) -> dict[str, Any] | None:
         """This rank's shard of the newest checkpoint of the run that loads on every rank, or None.
@@ -151,6 +189,7 @@ class RayCheckpoints:
                 state, error = None, f"{type(e).__name__}: {e}"
             errors = self._gather(group, error)
             if not any(errors):
+                self.loaded_from = folder
                 return state
             if self.rank == 0:
                 why = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
@@ -167,10 +206,27 @@ class RayCheckpoints:
                 "only with the same ray.num_workers and ray.sharding (train.resume=false starts afresh)")
 
     def _read_shard(self, fs: pyarrow.fs.FileSystem, folder: str) -> dict[str, Any]:
-        import torch
+        """This rank's shard in ``folder``, verified against its record (see the module's docstring).
 
+        Raises:
+            ValueError: the record is missing or unreadable, or the shard does not verify or load.
+        """
+        import hashlib
+        import io
+
+        from recmem.train.checkpoint import safe_load, verify
+
+        try:
+            with fs.open_input_stream(f"{folder}/{record_name(self.rank)}") as f:
+                record = json.loads(f.read())
+        except FileNotFoundError:
+            raise ValueError(f"{record_name(self.rank)} is missing (an older recmem wrote it, or the upload was cut)") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{record_name(self.rank)} does not read ({e})") from None
         with fs.open_input_file(f"{folder}/{shard_name(self.rank)}") as f:
-            return torch.load(f, map_location="cpu", weights_only=False)
+            data = f.read()
+        verify(record, len(data), hashlib.sha256(data).hexdigest())
+        return safe_load(io.BytesIO(data))
 
     def _agree(self, group: Any, folders: list[str]) -> list[str]:
         """Rank 0's list of ``folders`` on every rank: all try the same checkpoints in the same order."""
@@ -195,11 +251,10 @@ class RayCheckpoints:
     def save(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
         """Write this rank's shard and report it with ``metrics`` (a barrier across ranks)."""
         import ray.train
-        import torch
 
         with tempfile.TemporaryDirectory(prefix="recmem-ckpt-") as folder:
-            torch.save(state, Path(folder) / shard_name(self.rank))
+            write_shard(Path(folder), self.rank, state)
             if self.rank == 0:
-                meta = {"step": step, "world_size": self.world_size, "plan": self.plan}
+                meta = {"step": step, "world_size": self.world_size, "plan": self.plan, "resume_key": self.key}
                 (Path(folder) / META).write_text(json.dumps(meta, indent=2))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

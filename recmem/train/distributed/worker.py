@@ -25,10 +25,11 @@ def train_worker(payload: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``.
 
     Args:
-        payload: ``{"config": Config, "run_id": str | None, "data": {split: SplitIndex},
-            "started_at": float | None, "marks": {name: float}}`` from the driver; the config's
-            paths are already absolute, ``run_id`` is the MLflow run the driver opened, ``data``
-            where the splits' rows lie (``data.plan_splits``), ``started_at`` and ``marks`` the
+        payload: ``{"config": Config, "run_id": str | None, "data": {split: SplitIndex}, "key":
+            dict, "started_at": float | None, "marks": {name: float}}`` from the driver; the
+            config's paths are already absolute, ``run_id`` is the MLflow run the driver opened,
+            ``data`` where the splits' rows lie (``data.plan_splits``), ``key`` the job's resume
+            key that checkpoints record (``resume.resume_key``), ``started_at`` and ``marks`` the
             start-up's times so far (see ``loop.train``).
     """
     import time
@@ -51,7 +52,7 @@ def train_worker(payload: dict[str, Any]) -> None:
         meter = scope.enter_context(TrafficMeter(model)) if cfg.ray.measure_traffic else None
         params = {**plan, "ray.torch_threads_used": str(torch.get_num_threads())}
         train(cfg, shard_source(cfg, world_size, rank, payload["data"]), rank=rank, model=model,
-              store=RayCheckpoints(rank, world_size, plan), run_id=payload["run_id"], params=params,
+              store=RayCheckpoints(rank, world_size, plan, payload["key"]), run_id=payload["run_id"], params=params,
               extra_metrics=meter.stats if meter else None, started_at=payload["started_at"], marks=marks)
 
 
