@@ -67,6 +67,11 @@ def tiny_root(tmp_path_factory) -> Path:
 
 def tiny_config(root: Path, workdir: Path, *overrides: str):
     """A small, fast config over ``tiny_root`` with tracking into ``workdir``."""
+    return load_config(None, tiny_overrides(root, workdir, *overrides))
+
+
+def tiny_overrides(root: Path, workdir: Path, *overrides: str) -> list[str]:
+    """:func:`tiny_config` as ``recmem`` command-line overrides."""
     schema = small_schema()
     base = [
         f"workdir={workdir}", f"data.root={root}", "data.batch_size=256",
@@ -78,7 +83,7 @@ def tiny_config(root: Path, workdir: Path, *overrides: str):
         "train.precision=fp32",
         f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
     ]
-    return load_config(None, base + list(overrides))
+    return base + list(overrides)
 
 
 @pytest.fixture(scope="session")

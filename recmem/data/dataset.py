@@ -164,5 +164,5 @@ class _GroupReader:
                 before = sum(self._file[1].metadata.row_group(g).num_rows for g in range(group))
                 what = "NaN or infinity" if dense else "a label outside [0, 1] (or missing)"
                 raise DataError(f"{self.index.paths[part]}: row {before + row} (row group {group}), column "
-                                f"{name!r} holds {values[row]!r}: {what}; {int((~ok).sum())} such rows in "
+                                f"{name!r} holds {values[row].item()!r}: {what}; {int((~ok).sum())} such rows in "
                                 "this row group")

@@ -74,7 +74,7 @@ def _flag_device() -> torch.device:
 
 def why_nonfinite(batch: Batch, loss: float) -> str:
     """What a non-finite ``loss`` says about its batch."""
-    if not bool(torch.isfinite(batch.dense).all()):
+    if not bool(torch.isfinite(batch.dense_features).all()):
         return f"loss {loss}; the batch's dense features hold NaN or infinity (the data is bad)"
     return f"loss {loss}; the batch's inputs are finite, so the model diverged"
 

@@ -183,7 +183,7 @@ def _train(
     trained, train_seconds, data_seconds, loss_sum, loss_n, skipped = 0, 0.0, 0.0, 0.0, 0, 0
     first_step = step
     bar = tqdm(desc="train", unit="batch", disable=not (t.progress and rank == 0), initial=step)
-    done = False
+    done = bool(t.max_steps and step >= t.max_steps)  # a resumed run may have reached it already
     while epoch < t.epochs and not done:
         fetch = time.perf_counter()
         for batch in source("train", epoch, position):
