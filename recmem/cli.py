@@ -13,6 +13,7 @@ from pathlib import Path
 
 from recmem.config import Config, ConfigError, load_config
 from recmem.lock import LockedError, exclusive
+from recmem.tracking.outbox import TrackingUnavailable
 
 COMMANDS = {
     "generate": "write recmem's synthetic Criteo-shaped click log (Parquet + feature statistics) to data.root",
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet_libraries()
         return {"generate": _generate, "prepare": _prepare, "train": _train,
                 "evaluate": _evaluate, "quickstart": _quickstart}[args.command](cfg)
-    except (ConfigError, FileNotFoundError, LockedError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, LockedError, TrackingUnavailable, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -96,7 +97,10 @@ def _prepare(cfg: Config) -> int:
 def _train(cfg: Config) -> int:
     import psutil
 
+    from recmem.tracking.logger import check_tracking
+
     started_at = psutil.Process().create_time()  # start-up is timed from this process's start
+    check_tracking(cfg)  # a tracking server that does not answer fails now, not after the imports
     if cfg.ray.enabled:
         from recmem.train.distributed import train_ray
 

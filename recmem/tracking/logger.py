@@ -1,4 +1,9 @@
-"""The one object through which rank 0 talks to MLflow, the console and artifact files."""
+"""The one object through which rank 0 talks to MLflow, the console and artifact files.
+
+A tracking server is checked before a run opens (one clear error within seconds when it does not
+answer) and written through an :class:`~recmem.tracking.outbox.Outbox` afterwards: a server that
+dies mid-run costs the run a bounded wait at its end, never its training or checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
+from functools import partial
+from io import BytesIO
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,6 +25,9 @@ import yaml
 from tqdm import tqdm
 
 from recmem.config import Config, to_dict
+from recmem.tracking.outbox import (
+    Item, Outbox, TrackingUnavailable, bound_http_retries, check_server, one_short_try, send_bytes, short_reason,
+)
 
 STEP_TAG = "recmem.step"
 """Run tag: the step of the run's latest metrics, which a driver follows to show its workers' progress."""
@@ -27,6 +37,9 @@ _QUIET_LEVELS = {
     "alembic": logging.WARNING,
     "matplotlib": logging.WARNING,  # "generated new fontManager", on a machine's first plot
     "fbgemm_gpu": logging.WARNING,
+    # "Retrying (Retry(total=1, ...)) after connection broken" per attempt of an MLflow call to a
+    # server that is down; the outbox says so once (recmem.tracking.outbox).
+    "urllib3.connectionpool": logging.ERROR,
     # INFO: each planner decision; WARNING: notes on how recmem builds its plans, not on the run.
     "torchrec": logging.ERROR,
     "torch.fx._symbolic_trace": logging.ERROR,  # a note to torchrec's authors on each first forward
@@ -112,6 +125,18 @@ def runs_marked_failed() -> Iterator[None]:
         raise
 
 
+def check_tracking(cfg: Config) -> None:
+    """Before any heavy work: bound MLflow's HTTP retries and check that ``cfg``'s tracking server
+    answers (nothing to check for a local store or with tracking off).
+
+    Raises:
+        TrackingUnavailable: the server does not answer within seconds.
+    """
+    if cfg.tracking.enabled:
+        bound_http_retries()
+        check_server(cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir))
+
+
 def warm_tracking(cfg: Config) -> threading.Thread:
     """Import MLflow and open its store (creating its tables on first use) in a background thread.
 
@@ -119,6 +144,8 @@ def warm_tracking(cfg: Config) -> threading.Thread:
     processes to start; join the thread before the first :class:`RunLogger`. Nothing here touches
     MLflow's active-run state, which is per thread.
     """
+
+    bound_http_retries()  # this thread is joined: a server that is down must not hold it for minutes
 
     def warm() -> None:
         import mlflow
@@ -139,10 +166,19 @@ class RunLogger:
     An MLflow run that is already active (a notebook, a parent pipeline) is kept: this run nests under
     it instead of failing or hijacking it. ``run_id`` lets a resumed job continue the same run.
 
+    Opening the run is the only step that waits on a tracking server, and it fails in seconds when
+    the server does not answer. After it, writes go through an :class:`Outbox`: a server that stops
+    answering costs a step nothing, and what it never takes is saved in the workdir and named in one
+    line at :meth:`close`. Metric values are logged as they are, NaN included (MLflow stores NaN as
+    NaN and clamps infinities to +-1.8e308), so a diverging run shows its failure, not a gap.
+
     Args:
         cfg: the resolved job config (logged as params and as a YAML artifact).
         enabled: False for a silent logger (ranks > 0, tests).
         run_id: an MLflow run to continue (from a checkpoint), or None for a new run.
+
+    Raises:
+        TrackingUnavailable: the tracking server does not answer, or refuses to open the run.
     """
 
     def __init__(self, cfg: Config, enabled: bool = True, run_id: str | None = None) -> None:
@@ -151,10 +187,25 @@ class RunLogger:
         self.tracking_uri = ""
         if not self.enabled:
             return
+        check_tracking(cfg)
         import mlflow
 
         self._mlflow = mlflow
         self.tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir)
+        try:
+            self.run_id = self._open(cfg, run_id)
+        except mlflow.exceptions.MlflowException as e:
+            raise TrackingUnavailable(f"MLflow at {self.tracking_uri} did not open the run: {short_reason(e)}") from e
+        self._client = mlflow.MlflowClient(self.tracking_uri)
+        self._reads_fail = False  # the store stopped answering the progress reads of ``following``
+        self._outbox = Outbox(self.tracking_uri, self.run_id, cfg.workdir,
+                              say=lambda line: tqdm.write(line, file=sys.stderr))
+        if run_id is None:
+            self._log_config(cfg)
+
+    def _open(self, cfg: Config, run_id: str | None) -> str:
+        """Start (or continue) the run; its id."""
+        mlflow = self._mlflow
         mlflow.set_tracking_uri(self.tracking_uri)
         experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
@@ -171,10 +222,7 @@ class RunLogger:
             run_name=None if run_id else (cfg.tracking.run_name or None),
             nested=nested,
         )
-        self.run_id = run.info.run_id
-        self._client = mlflow.MlflowClient(self.tracking_uri)
-        if run_id is None:
-            self._log_config(cfg)
+        return run.info.run_id
 
     def _log_config(self, cfg: Config) -> None:
         params = flatten(to_dict(cfg))
@@ -184,35 +232,47 @@ class RunLogger:
         self.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log numeric metrics at ``step`` (names ``split/name``)."""
+        """Log numeric metrics at ``step`` (names ``split/name``; NaN is logged as NaN)."""
         if self.enabled:
-            now = int(time.time() * 1000)
+            now = int(time.time() * 1000)  # the time of the step, however late it is delivered
             from mlflow.entities import Metric, RunTag
 
-            batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
-            self._client.log_batch(self.run_id, metrics=batch, tags=[RunTag(STEP_TAG, str(step))])
+            values = {k: float(v) for k, v in metrics.items()}
+            batch = [Metric(k, v, now, step) for k, v in values.items()]
+            send = partial(self._client.log_batch, self.run_id, metrics=batch, tags=[RunTag(STEP_TAG, str(step))])
+            self._outbox.put(Item(send, {"kind": "metrics", "step": step, "timestamp": now, "metrics": values}))
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log extra params (e.g. the sharding plan)."""
         if self.enabled:
             from mlflow.entities import Param
 
-            self._client.log_batch(self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+            values = {k: str(v)[:500] for k, v in params.items()}
+            send = partial(self._client.log_batch, self.run_id, params=[Param(k, v) for k, v in values.items()])
+            self._outbox.put(Item(send, {"kind": "params", "params": values}))
 
     def log_text(self, text: str, name: str) -> None:
         """Write ``text`` as the artifact ``name``."""
         if self.enabled:
-            self._client.log_text(self.run_id, text, name)
+            self._log_bytes(text.encode(), name)
 
     def log_figure(self, figure: Any, name: str) -> None:
-        """Save a matplotlib figure as the artifact ``name`` (PNG)."""
+        """Save a matplotlib figure as the artifact ``name`` (PNG; drawn now, the figure may close)."""
         if self.enabled:
-            self._client.log_figure(self.run_id, figure, name)
+            png = BytesIO()
+            figure.savefig(png, format="png")
+            self._log_bytes(png.getvalue(), name)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         """Copy a local file into the run's artifacts."""
         if self.enabled:
-            self._client.log_artifact(self.run_id, str(path), folder)
+            name = f"{folder}/{Path(path).name}" if folder else Path(path).name
+            send = partial(self._client.log_artifact, self.run_id, str(path), folder)
+            self._outbox.put(Item(send, {"kind": "artifact", "name": name, "file": str(path)}))
+
+    def _log_bytes(self, data: bytes, name: str) -> None:
+        send = partial(send_bytes, self._client, self.run_id, data, name)
+        self._outbox.put(Item(send, {"kind": "artifact", "name": name}, data))
 
     def run_url(self) -> str:
         """Where to find the run: its id and tracking store."""
@@ -237,14 +297,19 @@ class RunLogger:
         view = ProgressView(stream or sys.stderr, line_every_s)
         stop = threading.Event()
 
+        answered = [True]  # the latest read's outcome
+
         def poll() -> None:
+            answered[0] = False
             run = self._client.get_run(self.run_id)
+            answered[0] = True
             if STEP_TAG in run.data.tags:
                 view.update(int(run.data.tags[STEP_TAG]), run.data.metrics)
 
         def follow() -> None:
             while not stop.wait(poll_s):
-                # A read that fails (a store busy with the workers' writes) only delays the view.
+                # A read that fails (a store busy with the workers' writes, a server gone) only
+                # delays the view.
                 with suppress(Exception):
                     poll()
 
@@ -254,15 +319,28 @@ class RunLogger:
             yield
         finally:
             stop.set()
-            thread.join()
-            with suppress(Exception):
-                poll()
+            thread.join(max(poll_s, 5.0))  # a read hanging on a server that is gone is not waited for
+            self._reads_fail = not answered[0] or thread.is_alive()
+            if not self._reads_fail:
+                with suppress(Exception):
+                    poll()
             view.close()
 
-    def close(self, status: str = "FINISHED") -> None:
-        """End the run this logger started (a parent run stays active)."""
-        if self.enabled and self._mlflow.active_run() and self._mlflow.active_run().info.run_id == self.run_id:
-            self._mlflow.end_run(status)
+    def close(self, status: str = "FINISHED", flush_s: float = 10.0) -> None:
+        """Deliver what is queued (at most ``flush_s`` seconds), end the run this logger started (a
+        parent run stays active), and say in one line what did not reach MLflow and where it is."""
+        if not self.enabled:
+            return
+        self._outbox.flush(flush_s)
+        active = self._mlflow.active_run()
+        if active and active.info.run_id == self.run_id:
+            # A store that is down gets one short try; end_run ends the run here before it calls.
+            with nullcontext() if self._outbox.answering and not self._reads_fail else one_short_try():
+                try:
+                    self._mlflow.end_run(status)
+                except self._mlflow.exceptions.MlflowException:
+                    self._outbox.save_status(status)
+        self._outbox.report()
 
 
 class ProgressView:
