@@ -4,10 +4,11 @@ answering never stops training.
 A local store (SQLite, files) is written inline, as it always was. A tracking server (``http(s)://``)
 is written by a background thread from an ordered queue, so a step only appends to a list. When the
 server fails, the head of the queue is retried with backoff while the steps go on; after
-``retry_s`` seconds of failures the outbox gives up on the server for the rest of the run. ``flush``
-waits at most ``flush_s`` for the queue to drain. Whatever did not reach MLflow is saved to
-``<workdir>/mlflow-undelivered-<run id>.jsonl`` (artifacts in a folder of that name) and counted in
-one line on stderr; ``python -m recmem.tracking.outbox FILE`` delivers it to the same run later.
+``retry_s`` seconds of failures the outbox gives up on the server for the rest of the run. At the
+end, ``flush`` waits a bounded time for the queue to drain (one more try for a server that is down).
+Whatever did not reach MLflow is saved to ``<workdir>/mlflow-undelivered-<run id>.jsonl`` (artifacts
+in a folder of that name) and counted in one line on stderr; ``python -m recmem.tracking.outbox
+FILE`` delivers it to the same run later.
 
 Before a run opens, :func:`check_server` asks a tracking server for any answer with a short timeout,
 and :func:`bound_http_retries` caps MLflow's own HTTP retries (by default 7, with exponential backoff:
@@ -141,7 +142,7 @@ class Outbox:
         if is_server(tracking_uri):
             self._thread = threading.Thread(target=self._deliver, name="recmem-mlflow-outbox", daemon=True)
             self._thread.start()
-            atexit.register(self.flush)  # a run that raises still sends, or saves, what it logged
+            atexit.register(self._at_exit)  # a run that raises still sends, or saves, what it logged
 
     @property
     def answering(self) -> bool:
@@ -183,7 +184,7 @@ class Outbox:
             self._abandoned = True  # an answer still in flight is not waited for (it may arrive twice)
             self._save(list(self._queue))
             self._queue.clear()
-        atexit.unregister(self.flush)
+        atexit.unregister(self._at_exit)
 
     def report(self) -> None:
         """One line on what was saved instead of delivered, if anything was."""
@@ -191,7 +192,7 @@ class Outbox:
             return
         steps = [r["step"] for r in self.saved if r["kind"] == "metrics"]
         values = sum(len(r.get("metrics", ())) for r in self.saved)
-        what = [f"{values} metric values" + (f" (steps {min(steps)}-{max(steps)})" if steps else "")]
+        what = [f"{values} metric values (steps {min(steps)}-{max(steps)})"] if steps else []
         what += [r["name"] for r in self.saved if r["kind"] == "artifact"]
         what += ["params"] * any(r["kind"] == "params" for r in self.saved)
         what += [f"run status {r['status']}" for r in self.saved if r["kind"] == "status"]
@@ -201,6 +202,10 @@ class Outbox:
     def save_status(self, status: str) -> None:
         """Record the run's end status, which the server did not take."""
         self._save([Item(lambda: None, {"kind": "status", "status": status})])
+
+    def _at_exit(self) -> None:
+        self.flush()
+        self.report()
 
     def _deliver(self) -> None:
         delay = 0.5
