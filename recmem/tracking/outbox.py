@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import sys
 import tempfile
 import threading
@@ -81,7 +82,8 @@ def one_short_try(timeout_s: int = 2) -> Iterator[None]:
 def check_server(uri: str, timeout_s: float = 5.0) -> None:
     """Fail within ``timeout_s`` when the tracking server at ``uri`` does not answer; a local store
     (SQLite, files) passes without a look. Any HTTP answer counts (an error page too: what it means
-    is MLflow's to say on the first call).
+    is MLflow's to say on the first call), and so does a TLS certificate this check does not trust
+    (MLflow's own settings, such as ``MLFLOW_TRACKING_INSECURE_TLS``, decide about it).
 
     Raises:
         TrackingUnavailable: nothing answered at ``uri`` in time.
@@ -96,6 +98,8 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
         return
     except (OSError, ValueError) as e:  # URLError, refused, timed out, a malformed address
         reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            return
         raise TrackingUnavailable(
             f"MLflow tracking server {uri} does not answer ({reason}; {time.monotonic() - start:.1f} s): start it, "
             "point tracking.tracking_uri or MLFLOW_TRACKING_URI at one that runs, or set tracking.enabled=false"
