@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from recmem.config import Config, to_dict
 from recmem.tracking.outbox import (
-    Item, Outbox, TrackingUnavailable, bound_http_retries, check_server, one_short_try, send_bytes, short_reason,
+    Item, Outbox, TrackingUnavailable, bound_http_retries, check_server, is_server, one_short_try, send_bytes,
+    short_reason,
 )
 
 STEP_TAG = "recmem.step"
@@ -126,15 +127,17 @@ def runs_marked_failed() -> Iterator[None]:
 
 
 def check_tracking(cfg: Config) -> None:
-    """Before any heavy work: bound MLflow's HTTP retries and check that ``cfg``'s tracking server
-    answers (nothing to check for a local store or with tracking off).
+    """Before any heavy work: check that ``cfg``'s tracking server answers, and bound MLflow's HTTP
+    retries in this process (:func:`~recmem.tracking.outbox.bound_http_retries`). Nothing to do for
+    a local store or with tracking off.
 
     Raises:
         TrackingUnavailable: the server does not answer within seconds.
     """
-    if cfg.tracking.enabled:
+    uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir)
+    if cfg.tracking.enabled and is_server(uri):
         bound_http_retries()
-        check_server(cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir))
+        check_server(uri)
 
 
 def warm_tracking(cfg: Config) -> threading.Thread:
@@ -142,10 +145,9 @@ def warm_tracking(cfg: Config) -> threading.Thread:
 
     Both cost a second or two that a Ray driver can spend while ``ray.init`` waits for Ray's
     processes to start; join the thread before the first :class:`RunLogger`. Nothing here touches
-    MLflow's active-run state, which is per thread.
+    MLflow's active-run state, which is per thread. Call :func:`check_tracking` first: the caller
+    joins this thread, and only a bounded MLflow gives up on a server that stops answering in between.
     """
-
-    bound_http_retries()  # this thread is joined: a server that is down must not hold it for minutes
 
     def warm() -> None:
         import mlflow
