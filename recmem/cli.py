@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet_libraries()
         return {"generate": _generate, "prepare": _prepare, "train": _train,
                 "evaluate": _evaluate, "quickstart": _quickstart}[args.command](cfg)
-    except (ConfigError, FileNotFoundError, LockedError, TrackingUnavailable, ValueError) as e:
+    except (ConfigError, OSError, LockedError, TrackingUnavailable, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -109,7 +109,8 @@ def _train(cfg: Config) -> int:
         from recmem.train.local import train_local
 
         result = train_local(cfg, started_at)
-    _print_result(result.metrics, result.samples_per_second, result.run)
+    resumed = result.metrics.get("resume/step") if cfg.ray.enabled else result.resumed_from
+    _print_result(result.metrics, result.samples_per_second, result.run, resumed is not None)
     return 0
 
 
@@ -141,15 +142,15 @@ def _quickstart(cfg: Config) -> int:
     return _train(cfg)
 
 
-def _print_result(metrics: dict[str, float], samples_per_second: float, run: str) -> None:
+def _print_result(metrics: dict[str, float], samples_per_second: float, run: str, resumed: bool) -> None:
     print(f"\nMLflow: {run}")
     print(f"valid AUC     {metrics.get('valid/auc', float('nan')):.4f}   logloss {metrics.get('valid/logloss', float('nan')):.4f}")
     if "valid/oracle_auc" in metrics:
         print(f"oracle AUC    {metrics['valid/oracle_auc']:.4f}   gap {metrics['valid/auc_gap']:.4f}")
     if samples_per_second > 0:
         print(f"train speed   {samples_per_second:,.0f} samples/s")
-    else:
-        print("nothing left to train: resumed from a finished run's checkpoint (train.resume=false starts afresh)")
+    elif resumed:  # the line above the bar said which checkpoint and step
+        print("nothing left to train: the checkpoint it resumed from had finished (train.resume=false starts afresh)")
 
 
 if __name__ == "__main__":

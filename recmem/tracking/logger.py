@@ -71,6 +71,17 @@ class _LibraryInfoFilter(logging.Filter):
         return record.levelno >= logging.WARNING or not os.path.abspath(record.pathname).startswith(self.folders)
 
 
+class _ReportedErrorFilter(logging.Filter):
+    """Drops Ray Train's "Error in training function" traceback when a worker raises a ValueError:
+    recmem's driver raises that error as itself at once (no retry), and the CLI prints it as one
+    line (see ``launcher._fit``); other errors keep their traceback. Ray logs it while handling the
+    exception, so the exception is this thread's current one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(sys.exc_info()[1], ValueError)
+                    and record.getMessage().startswith("Error in training function"))
+
+
 def quiet_libraries() -> None:
     """Turn this process's library chatter off (``tracking.verbose: false``): the INFO logs of
     MLflow, fbgemm, torchrec, Ray and matplotlib, torchrec's warnings, and the Python warnings raised
@@ -88,6 +99,9 @@ def quiet_libraries() -> None:
         if not any(isinstance(f, _LibraryInfoFilter) for f in target.filters):
             target.addFilter(_LibraryInfoFilter(folders))
     warnings.filterwarnings("ignore", module=r"(torch|torchrec|fbgemm_gpu|mlflow|ray)(\.|$)")
+    ray_train = logging.getLogger("ray.train.v2._internal.util")
+    if not any(isinstance(f, _ReportedErrorFilter) for f in ray_train.filters):
+        ray_train.addFilter(_ReportedErrorFilter())
 
 
 def default_tracking_uri(workdir: str | Path) -> str:
