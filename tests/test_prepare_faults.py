@@ -188,3 +188,19 @@ def test_a_second_prepare_on_a_held_root_is_refused_at_once(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert _snapshot(root) == before
+
+
+def test_a_prepare_killed_mid_swap_gets_its_previous_splits_back(tmp_path, capsys):
+    """Killed between moving the old splits aside and moving both new ones in: the next prepare puts
+    the old ones back before anything else, even when it then fails itself."""
+    root = tmp_path / "root"
+    assert _prepare(root, _write(tmp_path / "raw.tsv", _lines()), capsys)[0] == 0
+    before = _snapshot(root)
+    old = root / ".convert-old"
+    old.mkdir()
+    for name in ("train", "valid", "stats"):
+        (root / name).rename(old / name)
+    (root / "train").mkdir()  # the new train split got in; the new valid split did not
+    (root / "train" / "part-00000.parquet").write_bytes(b"new, half swapped")
+    assert _prepare(root, _write(tmp_path / "empty.tsv", []), capsys)[0] == 2
+    assert _snapshot(root) == before and not old.exists()

@@ -107,6 +107,7 @@ def convert_raw(raw: RawConfig, schema: SchemaConfig, out_root: Path, progress: 
     """
     start = time.perf_counter()
     _check_options(raw)
+    _undo_interrupted_swap(Path(out_root))
     path = Path(raw.path)
     if not path.is_file():
         raise ConversionError(f"{path}: raw data file not found (data.raw.path)")
@@ -368,9 +369,35 @@ def _output_schema(schema: SchemaConfig, has_time: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+_OLD = ".convert-old"
+"""Where the previous splits wait while new ones are renamed in (see :func:`_replace_outputs`)."""
+
+
 def _replace_outputs(out_root: Path, tmp: Path) -> None:
-    """Swap the converted splits in; stats computed from the old splits would now lie, so they go."""
+    """Swap the converted splits in; stats computed from the old splits would now lie, so they go.
+
+    The old splits and stats are first renamed into ``.convert-old`` and removed only once both new
+    splits are in place: a crash mid-swap leaves them there, and the next prepare puts them back
+    (:func:`_undo_interrupted_swap`) before anything else.
+    """
+    old = out_root / _OLD
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir()
     for name in ("train", "valid", "stats"):
-        shutil.rmtree(out_root / name, ignore_errors=True)
+        if (out_root / name).exists():
+            (out_root / name).rename(old / name)
     for split in ("train", "valid"):
         (tmp / split).rename(out_root / split)
+    shutil.rmtree(old)
+
+
+def _undo_interrupted_swap(out_root: Path) -> None:
+    """Put back the previous splits that a prepare killed mid-swap left in ``.convert-old`` (what stands
+    in their place then is part of the new output: it goes)."""
+    old = out_root / _OLD
+    if not old.is_dir():
+        return
+    for kept in old.iterdir():
+        shutil.rmtree(out_root / kept.name, ignore_errors=True)
+        kept.rename(out_root / kept.name)
+    old.rmdir()
