@@ -23,6 +23,8 @@ COMMANDS = {
     "evaluate": "score the latest checkpoint on the validation split (on Ray, with as many workers as "
                 "wrote it, unless ray.enabled=false) and print its metrics and step",
     "quickstart": "generate the synthetic data if missing, train, and print the run and its AUC vs the oracle",
+    "export": "write a versioned serving bundle of a trained model (--run RUN_ID, --checkpoint PATH, or the "
+              "configured job's latest checkpoint) and print its folder and bytes",
 }
 
 EPILOG = """examples:
@@ -55,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         c.add_argument("--config", "-c", help="YAML config (default: embedded defaults)")
         c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=2")
+        if name == "export":
+            _export_arguments(c)
     return p
 
 
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
             quiet_libraries()
         return {"generate": _generate, "prepare": _prepare, "train": _train,
-                "evaluate": _evaluate, "quickstart": _quickstart}[args.command](cfg)
+                "evaluate": _evaluate, "quickstart": _quickstart,
+                "export": lambda c: _export(c, args)}[args.command](cfg)
     except (ConfigError, OSError, LockedError, TrackingUnavailable, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -140,6 +145,28 @@ def _quickstart(cfg: Config) -> int:
         print(f"generated {s['train/rows']:,} training and {s['valid/rows']:,} validation rows in "
               f"{s['seconds']:.0f} s; the generator's own probabilities score valid AUC {s['valid/oracle_auc']:.4f}")
     return _train(cfg)
+
+
+def _export_arguments(c: argparse.ArgumentParser) -> None:
+    source = c.add_mutually_exclusive_group()
+    source.add_argument("--run", help="MLflow run id of a training (its config and checkpoint are found from it)")
+    source.add_argument("--checkpoint", help="a checkpoint file or folder (single-process or Ray) of the configured model")
+    c.add_argument("--format", default="fp32", choices=["fp32", "fp16", "int8"], help="table row format (default fp32)")
+    c.add_argument("--out", help="parent folder of the versioned bundles (default: <workdir>/exports)")
+
+
+def _export(cfg: Config, args: argparse.Namespace) -> int:
+    from recmem.export.job import export_job, export_run
+    from recmem.export.writer import bundle_bytes
+    from recmem.tracking.logger import default_tracking_uri
+
+    if args.run:
+        tracking = cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir)
+        folder = export_run(args.run, tracking, args.out, args.format, args.overrides)
+    else:
+        folder = export_job(cfg, args.out, args.format, args.checkpoint)
+    print(f"{folder}  {bundle_bytes(folder):,} bytes")
+    return 0
 
 
 def _print_result(metrics: dict[str, float], samples_per_second: float, run: str, resumed: bool) -> None:

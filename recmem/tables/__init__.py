@@ -13,6 +13,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
+from recmem.tables.base import ServingForm
 from recmem.tables.collisionless import CollisionlessTable
 from recmem.tables.full import FullTable
 from recmem.tables.hash import HashTable
@@ -47,6 +48,11 @@ class TableCollection(torch.nn.Module):
             return self.tables[0](features)
         pooled = [t(_select(features, t.feature_names)) for t in self.tables]  # each [B, F_t, D]
         return torch.cat(pooled, dim=1)[:, self._order]
+
+    def to_serving(self) -> list[ServingForm]:
+        """Every feature's serving form (``base.ServingForm``), in ``feature_names`` order."""
+        forms = {f: form for t in self.tables for f, form in zip(t.feature_names, t.to_serving())}
+        return [forms[f] for f in self.feature_names]
 
     def memory_bytes(self) -> int:
         """Bytes in RAM over all tables."""

@@ -14,10 +14,24 @@ optimizer state *and* any ID mapping, saved together so a restore continues trai
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+class ServingForm(NamedTuple):
+    """One feature's table as serving needs it (see ``recmem/serving/lookup.py``).
+
+    Attributes:
+        lookup: ``"keyed"`` (sorted raw IDs, their rows, a default row for other IDs) or
+            ``"modulo"`` (row ``id mod n``).
+        tensors: keyed: ``keys`` [n] int64 ascending, ``rows`` [n, D] float32, ``default`` [D]
+            float32; modulo: ``rows`` [n, D] float32. Copies, never views of training storage.
+    """
+
+    lookup: str
+    tensors: dict[str, torch.Tensor]
 
 
 @runtime_checkable
@@ -37,6 +51,13 @@ class EmbeddingTable(Protocol):
 
     def stats(self) -> dict[str, float]:
         """Numbers worth logging as ``tables/<name>`` metrics (rows live, memory by part, ...)."""
+        ...
+
+    def to_serving(self) -> list[ServingForm]:
+        """The serving form of each feature's table, in ``feature_names`` order: what a bundle stores
+        (rows, no optimizer state) and ``recmem.serving.lookup.lookup_from_tensors`` turns into a
+        pure-torch lookup that answers exactly as ``forward`` does in eval mode. A new kind brings
+        its own; the contract suite checks it (``tests/test_tables_contract.py``)."""
         ...
 
 

@@ -22,6 +22,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig, from_dict
+from recmem.tables.base import ServingForm
 from recmem.tables.fused import FusedRowwiseAdagrad
 from recmem.tables.idhash import shard_of
 from recmem.tables.sharded import KindShard
@@ -158,6 +159,18 @@ class CollisionlessTable(torch.nn.Module):
             ids, local, freed = self.slots.take_changes(f)
             out[name] = {"ids": torch.from_numpy(ids), "weights": self.rows.weights(f)[local].clone(),
                          "freed": torch.from_numpy(freed)}
+        return out
+
+    def to_serving(self) -> list[ServingForm]:
+        """Per feature: its live IDs (ascending) and their rows; other IDs get a zero row, as an ID
+        without a row pools to nothing here."""
+        out = []
+        for f in range(len(self.feature_names)):
+            ids, local = self.slots.live(f)
+            order = np.argsort(ids, kind="stable")
+            rows = self.rows.weights(f)[torch.from_numpy(local[order])].detach().clone()
+            out.append(ServingForm("keyed", {"keys": torch.from_numpy(ids[order].copy()), "rows": rows,
+                                             "default": torch.zeros(self.embedding_dim)}))
         return out
 
     def to_inference(self) -> "CollisionlessLookup":

@@ -11,6 +11,7 @@ from numba import njit
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import TableConfig, from_dict
+from recmem.tables.base import ServingForm
 from recmem.tables.fused import FusedRowwiseAdagrad
 from recmem.tables.sharded import RowKeys, RowRouter
 
@@ -86,6 +87,15 @@ class FullTable(torch.nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Raw-ID KJT of ``feature_names`` -> [B, F, D]."""
         return self.rows(self.remap(features), features.offsets())
+
+    def to_serving(self) -> list[ServingForm]:
+        """Per feature: its vocabulary and rows, the out-of-vocabulary row as the default."""
+        out = []
+        for i in range(len(self.feature_names)):
+            weights = self.rows.weights(i).detach()  # [n + 1, D], the OOV row last
+            out.append(ServingForm("keyed", {"keys": self._vocab(i).clone(), "rows": weights[:-1].clone(),
+                                             "default": weights[-1].clone()}))
+        return out
 
     def memory_bytes(self) -> int:
         """Rows + Adagrad state + the vocabularies (8 bytes per ID)."""

@@ -8,6 +8,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
+from recmem.tables.base import ServingForm
 from recmem.tables.fused import FusedRowwiseAdagrad
 from recmem.tables.sharded import RowKeys, RowRouter
 
@@ -57,6 +58,11 @@ class HashTable(torch.nn.Module):
         """Raw-ID KJT of ``feature_names`` -> [B, F, D]."""
         rows = torch.remainder(features.values(), self.num_embeddings)
         return self.rows(rows, features.offsets())
+
+    def to_serving(self) -> list[ServingForm]:
+        """Per feature: all its rows, looked up by ``id mod num_embeddings``."""
+        return [ServingForm("modulo", {"rows": self.rows.weights(i).detach().clone()})
+                for i in range(len(self.feature_names))]
 
     def memory_bytes(self) -> int:
         """Rows + Adagrad state."""
