@@ -1,6 +1,9 @@
-"""The contract every table kind meets: shapes, sparse training, state round trip, memory accounting.
+"""The contract every table kind meets: shapes, sparse training, state round trip, memory accounting,
+and a serving form (``to_serving``, pure torch: ``recmem/serving/lookup.py``) that answers exactly as
+the trained table.
 
-A new kind must add an entry to KIND_CONFIGS (the test below fails until it does).
+A new kind must add an entry to KIND_CONFIGS (the test below fails until it does) and bring its
+serving form.
 """
 
 from __future__ import annotations
@@ -131,3 +134,23 @@ def test_full_min_count_shrinks_vocabulary(tiny_root):
     all_ids = build_tables([TableConfig(kind="full")], SCHEMA.sparse, tiny_root)
     frequent = build_tables([TableConfig(kind="full", options={"min_count": 20})], SCHEMA.sparse, tiny_root)
     assert frequent.memory_bytes() < all_ids.memory_bytes()
+
+
+def test_serving_form_answers_as_the_trained_table(tables, tiny_root):
+    """Trained rows, then the pure-torch serving form: the same pooled rows for known IDs, unseen
+    IDs, the missing ID, negative IDs, multi-ID bags and empty bags."""
+    from recmem.serving.lookup import lookup_from_tensors
+
+    ids = _known_ids(tiny_root)
+    tables(_kjt([[[f[0], f[1]], [f[2]]] for f in ids])).sum().backward()  # rows move (and get admitted)
+    tables.eval()
+    bags = [[[f[0]], [f[1], f[2], f[0]], [], [-1], [123456789, f[0]], [-(2**62)]] for f in ids]
+    expected = tables(_kjt(bags))  # [B, F, D]
+    forms = tables.to_serving()
+    assert [form.lookup for form in forms] and len(forms) == len(SCHEMA.sparse)
+    for i, form in enumerate(forms):
+        lookup = lookup_from_tensors(form.lookup, form.tensors)
+        values = torch.tensor([x for bag in bags[i] for x in bag], dtype=torch.int64)
+        lengths = torch.tensor([len(bag) for bag in bags[i]], dtype=torch.int64)
+        torch.testing.assert_close(lookup(values, lengths), expected[:, i], rtol=0, atol=1e-6)
+        assert "momentum" not in form.tensors  # rows only, no optimizer state
