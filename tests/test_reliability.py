@@ -238,8 +238,9 @@ def test_nothing_left_to_train_is_said_only_after_a_resume(root, tmp_path, capsy
 
 @pytest.mark.slow
 def test_ray_path_refuses_without_retrying(root, tmp_path, ray_cluster):
-    """On Ray: a diverging run fails once (not max_failures times) naming the step; a held run and a
-    resume over another model are refused by the driver before any worker starts."""
+    """On Ray: a diverging run fails once (not max_failures times) naming the step; two workers skip
+    the same batches; a held run and a resume over another model are refused by the driver before
+    any worker starts."""
     from recmem.train.distributed import train_ray
 
     base = (f"ray.address={ray_cluster}", "ray.max_failures=2")
@@ -247,6 +248,11 @@ def test_ray_path_refuses_without_retrying(root, tmp_path, ray_cluster):
     with pytest.raises(TrainingDiverged, match=r"step \d+ .*non-finite"):
         train_ray(tiny_config(root, tmp_path, *base, "train.learning_rate=1e30", "model.tables.0.learning_rate=1e30"))
     print(f"diverged on Ray: failed in {time.monotonic() - started:.1f} s")
+    # Two workers skipping: they agree on every skipped batch (no hang), up to the limit.
+    with pytest.raises(TrainingDiverged, match=r"\(3 skipped, over train.max_skipped_batches\)"):
+        train_ray(tiny_config(root, tmp_path / "skip", *base, "ray.num_workers=2", "train.learning_rate=1e30",
+                              "model.tables.0.learning_rate=1e30", "train.nonfinite=skip",
+                              "train.max_skipped_batches=2"))
     train_ray(tiny_config(root, tmp_path / "ok", *base, "train.max_steps=2"))
     started = time.monotonic()
     with pytest.raises(ResumeError, match="model.tables.0.embedding_dim: 8 in the checkpoint, 16 now"):

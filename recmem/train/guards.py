@@ -1,8 +1,9 @@
 """The loop's guards against training on garbage: non-finite losses and weights, found on any rank.
 
-Under ``torch.distributed`` a problem one rank sees is every rank's (:func:`any_rank`), so all of them
-skip the same batch or stop at the same step: their collectives would otherwise wait for a peer that
-left.
+Under ``torch.distributed``, where ranks must take the same decision, a problem one rank sees is made
+every rank's (:func:`any_rank`): all of them skip the same batch (``train.nonfinite: skip``; their
+collectives would otherwise wait for a peer that left) or refuse the same checkpoint. Stopping needs
+no agreement: the rank that raises ends the run, and Ray ends its peers.
 """
 
 from __future__ import annotations

@@ -195,7 +195,9 @@ def _train(
                     table.observe_time(now)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
             value = float(loss.detach())
-            problem = any_rank(None if math.isfinite(value) else why_nonfinite(batch, value))
+            problem = None if math.isfinite(value) else why_nonfinite(batch, value)
+            if t.nonfinite == "skip":  # every rank must skip the same batch; a stop needs no agreement:
+                problem = any_rank(problem)  # Ray ends the other workers when one raises
             if problem is None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # the tables' fused optimizers update here
