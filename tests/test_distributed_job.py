@@ -9,6 +9,7 @@ The job goes through Ray's job server as on a cluster: the CLI authenticates wit
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -26,10 +27,15 @@ def test_ray_job_submit_runs_the_quickstart(ray_cluster, tmp_path):
                  "data.synthetic.valid_rows=1024", "data.batch_size=512", "ray.num_workers=2",
                  "train.progress=false"]
     assert main(["generate", "--config", str(REPO / "jobs/configs/quickstart.yaml"), *overrides]) == 0
-    job = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_cluster, "--working-dir", str(REPO), "--",
-         "python", "jobs/train.py", "--config", "jobs/configs/quickstart.yaml", *overrides],
-        capture_output=True, text=True, timeout=540, cwd=REPO)
+    command = [RAY, "job", "submit", "--address", ray_cluster, "--working-dir", str(REPO), "--",
+               "python", "jobs/train.py", "--config", "jobs/configs/quickstart.yaml", *overrides]
+    deadline = time.monotonic() + 60
+    while True:
+        job = subprocess.run(command, capture_output=True, text=True, timeout=540, cwd=REPO)
+        # A head started seconds ago may not have its job agent yet: Ray asks to try again later.
+        if "No available agent to submit job" not in job.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout + job.stderr
     assert "valid AUC" in job.stdout and "MLflow: run" in job.stdout, job.stdout[-4000:]
