@@ -85,6 +85,7 @@ def test_bundle_answers_as_the_trainer(trained):
     assert [t["kind"] for t in m["tables"]] == [cfg.model.tables[0].kind] * 4
     assert m["schema"]["sparse"] == cfg.data.schema.sparse and m["step"] == 12
     assert isinstance(m["last_data_time"], int) and m["recmem_version"]
+    assert m["export_check"]["rows"] == 256 and m["export_check"]["max_abs_logit_diff"] <= 1e-5
 
 
 def test_unseen_ids_get_the_kinds_default(trained):

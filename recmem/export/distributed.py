@@ -89,7 +89,9 @@ def export_ray(cfg: Config, out: Path, fmt: str, folder: str | Path | None = Non
         run, name = posixpath.dirname(exact.rstrip("/")), cfg.ray.run_name
     meta = dict(complete_checkpoints(fs, run))[exact]
     workers = meta["world_size"]
-    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_workers=workers))
+    # fp32 on the CPU: the bundle's dense part runs so, and the export check compares like with like.
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_workers=workers),
+                              train=dataclasses.replace(cfg.train, device="cpu", precision="fp32"))
     payload = {"config": cfg, "fs": fs, "folder": exact, "format": fmt}
     started = _init_ray(cfg)
     try:
@@ -142,8 +144,10 @@ def export_worker(payload: dict[str, Any]) -> None:
             "format": row format}``; the driver started as many workers as wrote the checkpoint.
     """
     import ray.train
+    import torch
     import torch.distributed as dist
 
+    from recmem.export.check import check_bundle, probe_batch
     from recmem.train.distributed.store import RayCheckpoints
     from recmem.train.distributed.worker import _quiet_libraries, _worker_model
 
@@ -155,6 +159,9 @@ def export_worker(payload: dict[str, Any]) -> None:
     state = store._read_shard(payload["fs"], payload["folder"])
     model.load_state_dict(state["model"])
     model.eval()
+    probe = probe_batch(cfg)  # the same rows on every rank: the sharded forward is collective
+    with torch.no_grad():
+        expected = model(probe) if probe is not None else None
     pieces = rank_pieces(model, rank, world_size)
     gathered: list[Any] = [None] * world_size if rank == 0 else None
     if world_size > 1:
@@ -170,7 +177,9 @@ def export_worker(payload: dict[str, Any]) -> None:
             forms = merged_forms(cfg, gathered)
             info = bundle_info(cfg, state, payload["folder"], sharding=plan.get("sharding"))
             kinds = feature_kinds(cfg.model.tables, list(cfg.data.schema.sparse))
-            write_bundle(folder, forms, kinds, model.dense, schema_dict(cfg), payload["format"], info)
+            written = write_bundle(folder, forms, kinds, model.dense, schema_dict(cfg), payload["format"], info)
+            if probe is not None:
+                check_bundle(written, probe, expected, list(cfg.data.schema.sparse))
             record = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({"step": state["step"]}, checkpoint=record)
 

@@ -82,13 +82,22 @@ def schema_dict(cfg: Config) -> dict[str, Any]:
 
 
 def export_model(model: Any, cfg: Config, out: str | Path, fmt: str, info: dict[str, Any]) -> Path:
-    """Write the bundle of a loaded single-process ``model`` (a ``CTRModel``)."""
+    """Write the bundle of a loaded single-process ``model`` (a ``CTRModel``) and check it against
+    the model on the first validation rows (``check.py``)."""
+    import torch
+
+    from recmem.export.check import check_bundle, probe_batch
     from recmem.export.writer import write_bundle
 
     model.eval()
     forms = model.tables.to_serving()
     kinds = feature_kinds(cfg.model.tables, list(cfg.data.schema.sparse))
-    return write_bundle(out, forms, kinds, model.dense, schema_dict(cfg), fmt, info)
+    folder = write_bundle(out, forms, kinds, model.dense, schema_dict(cfg), fmt, info)
+    probe = probe_batch(cfg)
+    if probe is not None:
+        with torch.no_grad():
+            check_bundle(folder, probe, model(probe), list(cfg.data.schema.sparse))
+    return folder
 
 
 def export_checkpoint_file(cfg: Config, path: str | Path, out: str | Path, fmt: str) -> Path:
