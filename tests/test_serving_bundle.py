@@ -146,6 +146,22 @@ def test_quantized_bundles_are_smaller_and_close(trained, fmt):
     assert (a - b).abs().max() < (2e-3 if fmt == "fp16" else 3e-2)
 
 
+@pytest.mark.parametrize("arch", ["dlrm", "dcnv2"])
+def test_torchscript_fallback_when_torch_export_fails(tiny_root, tmp_path, monkeypatch, arch):
+    cfg = _config(tiny_root, tmp_path, "full", "train.max_steps=2", f"model.arch={arch}")
+    train_local(cfg)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("torch.export cannot trace this")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    bundle = load_bundle(export_job(cfg, None, "fp32"))  # the export's own check compares with the model
+    assert bundle.manifest["dense"]["format"] == "torchscript"
+    assert "cannot trace this" in bundle.manifest["dense"]["fallback_reason"]
+    assert bundle.manifest["export_check"]["max_abs_logit_diff"] <= 1e-5
+    assert len(bundle.predict([{f: None for f in (*cfg.data.schema.dense, *cfg.data.schema.sparse)}] * 3)) == 3
+
+
 # ---- hostile bundles ------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -30,8 +31,8 @@ _EXAMPLE_BATCH = 4  # not 0 or 1, which torch.export would specialise the batch 
 def export_dense(dense: torch.nn.Module, n_dense: int, n_sparse: int, width: int, folder: Path) -> dict[str, str]:
     """Save the dense part (dense [B, n_dense], pooled [B, F, D]) -> logits [B] into ``folder``.
 
-    ``torch.export`` with a dynamic batch, as ``dense.pt2``; a module it cannot trace goes to
-    TorchScript (``torch.jit.script``) as ``dense.ts``.
+    ``torch.export`` with a dynamic batch, as ``dense.pt2``; a module it cannot export goes to
+    TorchScript as ``dense.ts`` (scripted, else traced and checked at other batch sizes).
 
     Returns:
         The manifest's ``dense`` entry: ``{"file", "format", "fallback_reason"?}``.
@@ -39,14 +40,41 @@ def export_dense(dense: torch.nn.Module, n_dense: int, n_sparse: int, width: int
     module = copy.deepcopy(getattr(dense, "module", dense)).cpu().float().eval()  # DDP wraps it on Ray
     example = (torch.randn(_EXAMPLE_BATCH, n_dense), torch.randn(_EXAMPLE_BATCH, n_sparse, width))
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
+    # torchrec's MLP asks torch.fx whether it is being traced, and torch logs a warning about that
+    # question under torch.export: noise for the user of `recmem export`.
+    quiet = logging.getLogger("torch.fx._symbolic_trace")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
         torch.export.save(program, folder / "dense.pt2")
         return {"file": "dense.pt2", "format": "torch.export"}
     except Exception as e:  # torch.export fails in many ways on code it cannot trace
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-    torch.jit.save(torch.jit.script(module), str(folder / "dense.ts"))
+    finally:
+        quiet.setLevel(level)
+    torch.jit.save(_torchscript(module, example), str(folder / "dense.ts"))
     return {"file": "dense.ts", "format": "torchscript", "fallback_reason": reason}
+
+
+def _torchscript(module: torch.nn.Module, example: tuple[torch.Tensor, torch.Tensor]) -> torch.jit.ScriptModule:
+    """``torch.jit.script``, else a trace checked to answer as the module at other batch sizes.
+
+    Raises:
+        RuntimeError: neither form answers as the module does.
+    """
+    try:
+        return torch.jit.script(module)
+    except Exception:  # torchrec's cross net indexes a ModuleList by a variable: not scriptable
+        pass
+    with torch.no_grad():
+        traced = torch.jit.trace(module, example, check_trace=False)
+        for batch in (1, 7):
+            probe = (torch.randn(batch, *example[0].shape[1:]), torch.randn(batch, *example[1].shape[1:]))
+            if not torch.allclose(traced(*probe), module(*probe), rtol=0, atol=1e-6):
+                raise RuntimeError("the dense part exports neither by torch.export nor by TorchScript "
+                                   "(its trace does not generalise over the batch size)")
+    return traced
 
 
 def write_bundle(out: str | Path, forms: list[ServingForm], kinds: list[str], dense: torch.nn.Module,

@@ -18,8 +18,6 @@ Input of every lookup, per feature (jagged, as a KJT's slice for that key)::
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 FORMATS = ("fp32", "fp16", "int8")
@@ -260,10 +258,3 @@ def _array(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, dims
         raise ValueError(f"{name} must be a {dims}-D {dtype} array")
     return t
 
-
-def int8_error_bound(rows: torch.Tensor) -> float:
-    """The largest absolute error int8 storage makes on fp32 ``rows`` [n, D] (half a step per row)."""
-    if rows.numel() == 0:
-        return 0.0
-    spread = (rows.max(dim=1).values - rows.min(dim=1).values).max().item()
-    return 0.5 * spread / 255.0 + 1e-7 * max(1.0, math.fabs(rows.abs().max().item()))
