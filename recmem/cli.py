@@ -1,4 +1,5 @@
-"""The ``recmem`` command: generate, prepare, train, evaluate, quickstart.
+"""The ``recmem`` command: generate, prepare, train, evaluate, quickstart, export, and the registry's
+register, promote and models.
 
 Every command takes ``--config FILE`` (optional: embedded defaults otherwise) and ``key=value``
 overrides of any config field, e.g. ``recmem train --config jobs/configs/quickstart.yaml train.epochs=2``.
@@ -25,6 +26,10 @@ COMMANDS = {
     "quickstart": "generate the synthetic data if missing, train, and print the run and its AUC vs the oracle",
     "export": "write a versioned serving bundle of a trained model (--run RUN_ID, --checkpoint PATH, or the "
               "configured job's latest checkpoint) and print its folder and bytes",
+    "register": "log a serving bundle (--bundle PATH, or exported from --run RUN_ID) as an MLflow pyfunc model "
+                "and register it as a new version of --name",
+    "promote": "point a registered model's alias (--alias, default champion) at VERSION; prints old -> new",
+    "models": "list a registered model's versions, aliases and tags",
 }
 
 EPILOG = """examples:
@@ -55,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         c = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name in ("register", "promote", "models"):  # before the overrides: NAME VERSION come first
+            _registry_arguments(name, c)
         c.add_argument("--config", "-c", help="YAML config (default: embedded defaults)")
         c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=2")
         if name == "export":
@@ -64,7 +71,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recmem`` console script."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:  # overrides after an option that follows positionals (`promote NAME 2 --alias a key=value`)
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         cfg = load_config(args.config, args.overrides)
         if not cfg.tracking.verbose:
@@ -73,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             quiet_libraries()
         return {"generate": _generate, "prepare": _prepare, "train": _train,
                 "evaluate": _evaluate, "quickstart": _quickstart,
-                "export": lambda c: _export(c, args)}[args.command](cfg)
+                "export": lambda c: _export(c, args), "register": lambda c: _register(c, args),
+                "promote": lambda c: _promote(c, args), "models": lambda c: _models(c, args)}[args.command](cfg)
     except (ConfigError, OSError, LockedError, TrackingUnavailable, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -116,6 +129,8 @@ def _train(cfg: Config) -> int:
         result = train_local(cfg, started_at)
     resumed = result.metrics.get("resume/step") if cfg.ray.enabled else result.resumed_from
     _print_result(result.metrics, result.samples_per_second, result.run, resumed is not None)
+    if cfg.train.register_as:
+        return _register_trained(cfg, getattr(result, "checkpoint", None))  # Ray's result names its checkpoint
     return 0
 
 
@@ -166,6 +181,68 @@ def _export(cfg: Config, args: argparse.Namespace) -> int:
     else:
         folder = export_job(cfg, args.out, args.format, args.checkpoint)
     print(f"{folder}  {bundle_bytes(folder):,} bytes")
+    return 0
+
+
+def _registry_arguments(name: str, c: argparse.ArgumentParser) -> None:
+    if name == "register":
+        c.add_argument("--name", required=True, help="the registered model (created on first use)")
+        source = c.add_mutually_exclusive_group(required=True)
+        source.add_argument("--run", help="MLflow run id of a training: its newest checkpoint is exported (fp32)")
+        source.add_argument("--bundle", help="a bundle folder written by `recmem export`")
+        return
+    c.add_argument("model_name", metavar="NAME", help="the registered model")
+    if name == "promote":
+        c.add_argument("version", metavar="VERSION", help="the model version the alias moves to")
+        c.add_argument("--alias", default="champion", help="the alias (default champion)")
+
+
+def _tracking_uri(cfg: Config) -> str:
+    from recmem.tracking.logger import default_tracking_uri
+
+    return cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir)
+
+
+def _register(cfg: Config, args: argparse.Namespace) -> int:
+    from recmem.registry import register_run
+
+    version, folder = register_run(args.name, _tracking_uri(cfg), args.run, args.bundle,
+                                   overrides=args.overrides, cfg=cfg)
+    print(f"registered {args.name} version {version} ({folder})")
+    return 0
+
+
+def _register_trained(cfg: Config, checkpoint: str | None) -> int:
+    """``train.register_as``: a failure here leaves the trained checkpoint as it is, in one line."""
+    from recmem.registry import register_trained
+
+    name = cfg.train.register_as
+    try:
+        version, folder = register_trained(cfg, name, checkpoint)
+    except Exception as e:  # whatever fails, the run and its checkpoint stand; say what and how to retry
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        print(f"recmem train: registering as {name!r} failed ({reason}); the checkpoint is kept: "
+              f"retry with `recmem register --run RUN_ID --name {name}`", file=sys.stderr)
+        return 1
+    print(f"registered {name} version {version} ({folder})")
+    return 0
+
+
+def _promote(cfg: Config, args: argparse.Namespace) -> int:
+    from recmem.registry import set_alias
+
+    old = set_alias(args.model_name, args.alias, args.version, _tracking_uri(cfg))
+    print(f"{args.model_name}@{args.alias}: {old or 'none'} -> {args.version.strip()}")
+    return 0
+
+
+def _models(cfg: Config, args: argparse.Namespace) -> int:
+    from recmem.registry import describe
+
+    for v in describe(args.model_name, _tracking_uri(cfg)):
+        tags = v["tags"]
+        print(f"version {v['version']:>4}  {','.join(v['aliases']) or '-':<12} {tags.get('recmem.bundle_version', '-')}  "
+              f"valid AUC {tags.get('recmem.valid_auc', '-')}  run {v['run_id'] or '-'}")
     return 0
 
 

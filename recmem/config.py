@@ -25,6 +25,10 @@ from typing import Any, Literal
 
 import yaml
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,255}")
+"""A registered model's name as recmem takes it (no ``/`` or quotes, which would break ``models:/`` URIs
+and registry searches)."""
+
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
 
@@ -209,7 +213,11 @@ class TrainConfig:
     the step, ``skip`` leaves the batch out (no update) and counts it, ending the run once more than
     ``max_skipped_batches`` were skipped. ``resume_changed: true`` resumes a checkpoint although the
     training data or the model config changed since it was written (each difference is printed);
-    by default such a resume is refused before the first step."""
+    by default such a resume is refused before the first step.
+
+    ``register_as``: after a successful run, export the final checkpoint as an fp32 serving bundle
+    and register it as a new version of this MLflow registered model (``recmem/registry.py``); empty:
+    no registration. A failed registration keeps the checkpoint and says what failed in one line."""
 
     epochs: int = checked(1, POSITIVE)
     max_steps: int = checked(0, NON_NEGATIVE)
@@ -227,6 +235,7 @@ class TrainConfig:
     evict_every: int = checked(0, NON_NEGATIVE)
     device: Literal["cpu", "cuda"] = "cpu"
     progress: bool = True
+    register_as: str = ""
 
 
 @dataclass
@@ -538,6 +547,11 @@ def _broken_rules(cfg: Config) -> Iterator[str]:
         if column and column in first_role:
             yield f"data.schema.{first_role[column]}: column {column!r} is also in data.schema.{role} (one role each)"
         first_role.setdefault(column, role)
+    if cfg.train.register_as and not MODEL_NAME.fullmatch(cfg.train.register_as):
+        yield (f"train.register_as: {cfg.train.register_as[:80]!r} cannot name a registered model (letters, digits, "
+               "'_', '-', '.' or spaces, at most 256, starting with a letter or digit)")
+    if cfg.train.register_as and not cfg.tracking.enabled:
+        yield "train.register_as: registering needs MLflow (tracking.enabled=true)"
     if len(cfg.data.raw.delimiter) != 1:
         yield f"data.raw.delimiter: {cfg.data.raw.delimiter!r} must be one character"
 

@@ -9,10 +9,12 @@ bundle directory under the key ``"bundle"``, so a downloaded model version reads
     <model dir>/artifacts/bundle/      the bundle, exactly as ``recmem export`` wrote it
 
 Loaded with ``mlflow.pyfunc.load_model("models:/NAME@ALIAS")``, the model's ``predict`` takes a pandas
-DataFrame (one column per schema field; NaN or None is a missing value) or a list of row dicts and
-returns the bundle's click probabilities. Through the signature, sparse values are the stored int64
-IDs; :meth:`recmem.serving.Bundle.predict` (and the HTTP server) also takes hex or hashed strings and
-multi-hot bags. Loading needs recmem importable (the pyfunc model is recmem's class).
+DataFrame (one column per schema field) or a list of row dicts and returns the bundle's click
+probabilities (float64 [B]). Values are those of :meth:`recmem.serving.Bundle.predict`: dense numbers
+(NaN or None: missing), sparse int64 IDs, hex or hashed strings, or lists of them (bags). A missing
+sparse value is ``""``: MLflow's signature enforcement rebuilds each column, and integer IDs with a
+None among them become floats, which the model refuses by column (a float cannot hold every int64
+ID). Loading needs recmem importable (the pyfunc model is recmem's class).
 
 The model is logged into the MLflow run that trained it (reopened for the purpose and left in the
 status it had), or, for a bundle whose run is not in this store, into a run of its own. Each model
@@ -41,11 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import recmem
+from recmem.config import MODEL_NAME
 
 BUNDLE_KEY = "bundle"
 """The pyfunc artifact key of the bundle directory: ``<model dir>/artifacts/bundle/``."""
 TAG_PREFIX = "recmem."
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,255}")
 _ALIAS = re.compile(r"[A-Za-z0-9_\-]{1,255}")
 _MODEL_CODE = Path(__file__).resolve().parent / "tracking" / "pyfunc_model.py"
 
@@ -77,7 +79,7 @@ def registry_client(tracking_uri: str | None = None) -> Any:
 def check_name(name: Any) -> str:
     """``name`` if it can name a registered model (letters, digits, ``_.- ``; no ``/``, which would
     break ``models:/`` URIs)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise RegistryError(f"model name {str(name)[:80]!r}: use letters, digits, '_', '-', '.' or spaces "
                             "(at most 256, starting with a letter or digit)")
     return name
@@ -392,3 +394,56 @@ def describe(name: str, tracking_uri: str | None = None) -> list[dict[str, Any]]
              "tags": {k: t for k, t in v.tags.items() if k.startswith(TAG_PREFIX)}, "run_id": v.run_id,
              "created": v.creation_timestamp}
             for v in sorted(versions, key=lambda v: -int(v.version))]
+
+
+def register_run(name: str, tracking_uri: str, run_id: str | None = None, bundle: str | Path | None = None,
+                 out: str | Path | None = None, fmt: str = "fp32", overrides: list[str] = (),
+                 cfg: Any = None) -> tuple[str, Path]:
+    """``recmem register``: register ``bundle``, or a bundle exported from the MLflow run ``run_id``'s
+    newest checkpoint (``recmem.export.job.export_run``), as a new version of ``name``.
+
+    The input example is the first validation rows of the run's data (``run_id``) or of ``cfg``'s.
+
+    Returns:
+        (the new version number, the bundle folder registered).
+
+    Raises:
+        ValueError: neither a run nor a bundle, a run or bundle that cannot be used, a bad name.
+        FileNotFoundError: no checkpoint of the run is left.
+    """
+    from recmem.export.job import export_run, run_config
+
+    check_name(name)
+    if run_id is None and bundle is None:
+        raise RegistryError("give --run RUN_ID (its newest checkpoint is exported) or --bundle PATH")
+    if run_id is not None:
+        cfg = run_config(run_id, tracking_uri, list(overrides))
+    if bundle is None:
+        bundle = export_run(run_id, tracking_uri, out, fmt, list(overrides))
+    return _register(Path(bundle), name, tracking_uri, cfg), Path(bundle)
+
+
+def register_trained(cfg: Any, name: str, checkpoint: str | None = None) -> tuple[str, Path]:
+    """``train.register_as``: export the newest checkpoint of ``cfg``'s job (or ``checkpoint``, the
+    Ray run's final checkpoint, when it is a local folder; a remote one is found by ``ray.run_name``)
+    as an fp32 bundle under ``<workdir>/exports`` and register it.
+
+    Returns:
+        (the new version number, the bundle folder).
+    """
+    from recmem.export.job import export_job
+    from recmem.tracking.logger import default_tracking_uri
+
+    local = checkpoint if checkpoint and "://" not in checkpoint and Path(checkpoint).is_dir() else None
+    folder = export_job(cfg, None, "fp32", local)
+    uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir)
+    return _register(folder, name, uri, cfg), folder
+
+
+def _register(folder: Path, name: str, tracking_uri: str, cfg: Any) -> str:
+    """:func:`register_bundle` with the input example and the experiment of ``cfg`` (when given)."""
+    if cfg is None:
+        return register_bundle(folder, name, tracking_uri)
+    root = Path(cfg.workdir).resolve() / "mlruns"  # where RunLogger puts a SQLite store's artifacts
+    return register_bundle(folder, name, tracking_uri, raw_rows(cfg), experiment=cfg.tracking.experiment,
+                           artifact_root=root.as_uri() if tracking_uri.startswith("sqlite:") else None)

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from recmem.serving.inputs import InputError
+
 
 class BundleModel(PythonModel):
     """Click probabilities of raw feature rows, answered by the bundle in the ``bundle`` artifact."""
@@ -27,12 +29,20 @@ class BundleModel(PythonModel):
     # MLflow turns a list of row dicts into a DataFrame by that signature before calling this.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         """Probabilities [B] (float64) of ``model_input``: a pandas DataFrame with a column per schema
-        field (NaN and None are missing values) or a list of row dicts.
+        field or a list of row dicts. A missing dense value is NaN or None; a missing sparse value is
+        ``""`` (None among integer IDs would reach here as a float column, which is refused).
 
         Raises:
             recmem.serving.InputError: naming the row and field that cannot be scored.
         """
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else model_input
+        if isinstance(model_input, pd.DataFrame):
+            for name in self.bundle.feature_names:
+                if name in model_input and model_input[name].dtype.kind == "f":
+                    raise InputError(f"column {name!r}: floats are not IDs (pandas and MLflow turn integer IDs "
+                                     "with a null among them into floats, which cannot hold every int64 ID): "
+                                     "send a missing ID as \"\"")
+            model_input = model_input.to_dict("records")
+        rows = model_input
         if isinstance(rows, list):
             rows = [{k: _plain(v) for k, v in row.items()} if isinstance(row, dict) else row for row in rows]
         return np.asarray(self.bundle.predict(rows), dtype=np.float64)
