@@ -176,3 +176,19 @@ def test_register_promote_and_fetch_on_a_tracking_server(trained, tiny_root, tmp
             registry.alias_version(NAME, "gold", server.uri)
     finally:
         server.kill()
+
+
+@pytest.mark.slow
+def test_a_ray_run_registers_its_final_checkpoint(ray_cluster, tiny_root, tmp_path, capsys):
+    import ray
+
+    overrides = tiny_overrides(tiny_root, tmp_path, "train.max_steps=6", "ray.num_workers=1",
+                               "ray.cpus_per_worker=0.5", f"ray.address={ray.get_runtime_context().gcs_address}",
+                               "train.register_as=ray-ctr")
+    assert main(["train", *overrides]) == 0
+    assert "registered ray-ctr version 1 (" in capsys.readouterr().out
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    registry.set_alias("ray-ctr", "champion", "1", uri)
+    _, folder = registry.fetch("ray-ctr", "champion", tmp_path / "models", uri)
+    manifest = load_bundle(folder).manifest
+    assert manifest["step"] == 6 and manifest["export_check"]["max_abs_logit_diff"] <= 1e-5
