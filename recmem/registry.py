@@ -32,7 +32,6 @@ Commands: ``recmem register``, ``recmem promote``, ``recmem models`` (``recmem/c
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
