@@ -192,9 +192,16 @@ class TableConfig:
 
 @dataclass
 class ModelConfig:
-    """The dense architecture and the tables it sits on."""
+    """The dense architecture and the tables it sits on.
+
+    ``embedding_dim`` is the width of every pooled embedding the dense part sees (the model's output
+    width of its tables); 0 takes the tables' ``embedding_dim``, which every block must then share.
+    A block's own ``embedding_dim`` is its storage width: kinds that store narrower or compositional
+    rows (``mixed_dim``, ``qr`` with concat) map them to the model's width; the others must equal it.
+    """
 
     arch: Literal["dlrm", "dcnv2"] = "dlrm"
+    embedding_dim: int = checked(0, NON_NEGATIVE)
     bottom_mlp: list[int] = checked(factory=lambda: [512, 256, 16], allowed=POSITIVE, non_empty=True)
     top_mlp: list[int] = checked(factory=lambda: [512, 256, 1], allowed=POSITIVE, non_empty=True)
     cross_layers: int = checked(3, NON_NEGATIVE)
@@ -530,16 +537,18 @@ def _check_rules(cfg: Config) -> None:
 def _broken_rules(cfg: Config) -> Iterator[str]:
     """A message per broken rule, naming the keys involved."""
     m, schema = cfg.model, cfg.data.schema
-    dim = m.tables[0].embedding_dim
+    dim = model_embedding_dim(m)
+    width_key = "model.embedding_dim" if m.embedding_dim else "model.tables.0.embedding_dim"
     if m.top_mlp[-1] != 1:
         yield f"model.top_mlp: {m.top_mlp} must end in 1 (the logit)"
     if m.arch == "dlrm" and m.bottom_mlp[-1] != dim:
-        yield (f"model.bottom_mlp: {m.bottom_mlp} must end in model.tables.0.embedding_dim={dim} (dlrm's "
+        yield (f"model.bottom_mlp: {m.bottom_mlp} must end in {width_key}={dim} (dlrm's "
                "interaction takes the bottom MLP's output as one more embedding)")
     for i, table in enumerate(m.tables):
-        if table.embedding_dim != dim:
+        if not m.embedding_dim and table.embedding_dim != dim:
             yield (f"model.tables.{i}.embedding_dim: {table.embedding_dim} differs from "
-                   f"model.tables.0.embedding_dim={dim} (the model stacks every block's embeddings)")
+                   f"model.tables.0.embedding_dim={dim} (the model stacks every block's embeddings; "
+                   "set model.embedding_dim for blocks of other storage widths)")
     roles = [("label", schema.label), *(("dense", c) for c in schema.dense), *(("sparse", c) for c in schema.sparse),
              ("event_time", schema.event_time), ("true_prob", schema.true_prob)]
     first_role: dict[str, str] = {}
@@ -554,6 +563,12 @@ def _broken_rules(cfg: Config) -> Iterator[str]:
         yield "train.register_as: registering needs MLflow (tracking.enabled=true)"
     if len(cfg.data.raw.delimiter) != 1:
         yield f"data.raw.delimiter: {cfg.data.raw.delimiter!r} must be one character"
+
+
+def model_embedding_dim(m: ModelConfig) -> int:
+    """The width of every pooled embedding the dense part sees: ``model.embedding_dim``, or the first
+    block's ``embedding_dim`` when that is 0."""
+    return m.embedding_dim or m.tables[0].embedding_dim
 
 
 def _with_default_tables(data: dict[str, Any]) -> dict[str, Any]:

@@ -154,3 +154,19 @@ def test_serving_form_answers_as_the_trained_table(tables, tiny_root):
         lengths = torch.tensor([len(bag) for bag in bags[i]], dtype=torch.int64)
         torch.testing.assert_close(lookup(values, lengths), expected[:, i], rtol=0, atol=1e-6)
         assert "momentum" not in form.tensors  # rows only, no optimizer state
+
+
+def test_dense_parameters_and_auxiliary_loss(tables, tiny_root):
+    """A kind's own dense parameters are parameters of the table that get a gradient (the dense
+    optimizer steps them; fused rows never appear); its auxiliary loss is a finite scalar or None."""
+    ids = _known_ids(tiny_root)
+    batch = _kjt([[[f[0]], [f[1]]] for f in ids])
+    out = tables(batch)
+    aux = tables.auxiliary_loss()
+    assert aux is None or (aux.dim() == 0 and bool(torch.isfinite(aux)))
+    own = tables.dense_parameters()
+    assert all(any(p is q for q in tables.parameters()) for p in own)
+    assert not any(p is t.rows.tbe.weights_host for t in tables.tables if hasattr(t, "rows") for p in own)
+    (out.sum() + (aux if aux is not None else 0)).backward()
+    assert all(p.grad is not None for p in own)
+    assert tables.embedding_dim == out.shape[-1] == 8

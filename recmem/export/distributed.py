@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow.fs
 
-from recmem.config import Config
+from recmem.config import Config, model_embedding_dim
 from recmem.train.distributed.store import META, complete_checkpoints, latest_checkpoint
 
 
@@ -217,7 +217,8 @@ def merged_forms(cfg: Config, gathered: list[dict[str, tuple[str, Any]]]) -> lis
 
     sparse = list(cfg.data.schema.sparse)
     needs_rows = any(kind == "rows" for pieces in gathered for kind, _ in pieces.values())
-    whole = build_tables(cfg.model.tables, sparse, Path(cfg.data.root), cfg.seed) if needs_rows else None
+    whole = build_tables(cfg.model.tables, sparse, Path(cfg.data.root), cfg.seed,
+                         output_dim=model_embedding_dim(cfg.model)) if needs_rows else None
     forms = []
     for f in sparse:
         kinds = {pieces[f][0] for pieces in gathered if f in pieces}

@@ -22,7 +22,7 @@ import torch
 
 import recmem
 from recmem.serving.bundle import BUNDLE_FORMAT, MANIFEST
-from recmem.serving.lookup import FORMATS, QuantizedRows
+from recmem.serving.lookup import FORMATS, QuantizedRows, lookup_from_tensors
 from recmem.tables.base import ServingForm
 
 _EXAMPLE_BATCH = 4  # not 0 or 1, which torch.export would specialise the batch size on
@@ -149,7 +149,8 @@ def _write_table(folder: Path, i: int, name: str, kind: str, form: ServingForm, 
         rel = f"tables/{i}.{array}.npy"
         np.save(folder / rel, tensor.detach().contiguous().numpy(), allow_pickle=False)
         files[array] = rel
-    return {"feature": name, "kind": kind, "lookup": form.lookup, "rows": len(rows), "width": rows.width,
+    width = lookup_from_tensors(form.lookup, form.tensors).width  # the output width (after any projection)
+    return {"feature": name, "kind": kind, "lookup": form.lookup, "rows": len(rows), "width": width,
             "bytes": rows.nbytes() + sum(t.numel() * t.element_size() for k, t in arrays.items() if k not in rows.tensors()),
             "files": files}
 

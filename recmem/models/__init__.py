@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from recmem.config import ModelConfig, SchemaConfig
+from recmem.config import ModelConfig, SchemaConfig, model_embedding_dim
 from recmem.data.batch import Batch
 from recmem.models.dcn import DCNv2Dense
 from recmem.models.dlrm import DLRMDense
@@ -23,7 +23,8 @@ class CTRModel(torch.nn.Module):
     and on GPUs (``train.precision: auto`` turns it on exactly there: ``recmem/train/device.py``).
 
     Args:
-        tables: pooled embeddings of every sparse feature, [B, F, D].
+        tables: pooled embeddings of every sparse feature, [B, F, D] (D: the model's width; the
+            tables' own dense parameters train with ``dense``'s, see ``dense_parameters``).
         dense: (dense [B, n_dense], pooled [B, F, D]) -> logits [B]; moved to ``device``.
         bf16: run the dense part under ``torch.autocast(device.type, dtype=torch.bfloat16)``.
         device: where the dense part runs.
@@ -36,6 +37,10 @@ class CTRModel(torch.nn.Module):
         self.tables = tables
         self.dense = dense.to(self.device)
         self.bf16 = bf16
+
+    def dense_parameters(self) -> list[torch.nn.Parameter]:
+        """Everything the dense optimizer trains: the dense layers, then the tables' projections."""
+        return list(self.dense.parameters()) + self.tables.dense_parameters()
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Batch of B rows -> logits [B] (float32, on the CPU whatever ``device`` is)."""
@@ -52,7 +57,7 @@ def build_model(
 ) -> CTRModel:
     """Build tables and the dense arch named by ``cfg.arch`` for ``schema``'s features."""
     torch.manual_seed(seed)
-    tables = build_tables(cfg.tables, schema.sparse, data_root, seed)
+    tables = build_tables(cfg.tables, schema.sparse, data_root, seed, output_dim=model_embedding_dim(cfg))
     return CTRModel(tables, build_dense(cfg, schema), bf16, device)
 
 
@@ -61,7 +66,7 @@ def build_dense(cfg: ModelConfig, schema: SchemaConfig) -> torch.nn.Module:
 
     Initialised from torch's global generator (``build_model`` seeds it; sharded workers too).
     """
-    dim = cfg.tables[0].embedding_dim
+    dim = model_embedding_dim(cfg)
     n_dense, n_sparse = len(schema.dense), len(schema.sparse)
     if cfg.arch == "dlrm":
         return DLRMDense(n_dense, n_sparse, dim, cfg.bottom_mlp, cfg.top_mlp)

@@ -7,7 +7,8 @@ A bundle is a directory ``<model version>/`` written by ``recmem export``::
                            (dense [B, n_dense] float32, pooled [B, F, D] float32) -> logits [B]
     tables/<i>.<array>.npy one table per sparse feature i (schema order): ``keys`` (int64, keyed
                            lookups), ``rows`` (float32 / float16 / uint8), ``scale`` and ``bias``
-                           (float32, int8 rows), ``default`` (float32 [D], keyed lookups)
+                           (float32, int8 rows), ``default`` (float32 [d], keyed lookups),
+                           ``projection`` (float32 [D, d], tables storing rows narrower than D)
 
 :func:`load_bundle` trusts none of it: every file's size and SHA-256 must match the manifest before
 it is read, arrays load with ``allow_pickle=False``, the ``.pt2`` archive is refused if any part of
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 
 from recmem.serving.inputs import InputError, parse_rows
-from recmem.serving.lookup import FORMATS, KeyedLookup, Lookup, lookup_from_tensors
+from recmem.serving.lookup import FORMATS, LOOKUPS, Lookup, lookup_from_tensors
 
 __all__ = ["Bundle", "BundleError", "DeltaConflict", "InputError", "load_bundle"]
 
@@ -58,7 +59,7 @@ BUNDLE_FORMAT = 1
 """The layout version this loader reads (``manifest["bundle_format"]``)."""
 _MAX_MANIFEST_BYTES = 64 << 20
 _ARRAY_DTYPES = {"keys": {np.int64}, "rows": {np.float32, np.float16, np.uint8}, "scale": {np.float32},
-                 "bias": {np.float32}, "default": {np.float32}}
+                 "bias": {np.float32}, "default": {np.float32}, "projection": {np.float32}}
 
 
 class BundleError(ValueError):
@@ -239,11 +240,11 @@ def _changed_lookup(lookup: Lookup, change: Any, where: str) -> Lookup:
     if not isinstance(change, dict) or set(change) - {"ids", "rows", "deleted"}:
         raise InputError(f"{where} must be an object with ids, rows and deleted")
     ids = _int_list(change.get("ids", []), f"{where}.ids")
-    rows = _float_rows(change.get("rows", []), len(ids), lookup.width, f"{where}.rows")
+    rows = _float_rows(change.get("rows", []), len(ids), lookup.rows.width, f"{where}.rows")  # stored width
     deleted = _int_list(change.get("deleted", []), f"{where}.deleted")
     if bool(torch.isin(ids, deleted).any()):
         raise InputError(f"{where}: an ID is both updated and deleted")
-    if not isinstance(lookup, KeyedLookup):
+    if lookup.kind != "keyed":
         if deleted.numel():
             raise InputError(f"{where}.deleted: a hash table has no IDs to delete (send its rows)")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(lookup.rows)):
@@ -341,9 +342,9 @@ def _manifest_problem(m: Any) -> str | None:
     for i, t in enumerate(tables):
         if not isinstance(t, dict) or t.get("feature") != schema["sparse"][i]:
             return f"tables.{i} must be the table of feature {schema['sparse'][i]!r}"
-        if t.get("lookup") not in ("keyed", "modulo") or not isinstance(t.get("files"), dict) \
+        if t.get("lookup") not in LOOKUPS or not isinstance(t.get("files"), dict) \
                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in t["files"].items()):
-            return f"tables.{i}: lookup must be keyed or modulo and files a map of names"
+            return f"tables.{i}: lookup must be one of {', '.join(LOOKUPS)} and files a map of names"
         if not isinstance(t.get("width"), int) or t["width"] < 1 or (width is not None and t["width"] != width):
             return f"tables.{i}: width must be one positive integer for all tables"
         width = t["width"]

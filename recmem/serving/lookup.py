@@ -7,6 +7,10 @@ Every table kind hands the exporter, per feature, one of two lookups (its ``to_s
   without a row pools to nothing in training, which a zero row reproduces exactly).
 - :class:`ModuloLookup`: ``id mod n`` picks the row (``hash``): every ID has a row, none is unseen.
 
+Either may carry a ``projection`` [D, d]: a table that stores rows of width d and maps them to the
+model's width D by a learned linear map (no bias) answers ``pooled @ projection.T``; pooling is a
+sum, so projecting the pooled rows equals pooling the projected ones.
+
 Rows may be stored as fp32, fp16 or int8 (row-wise: ``row = q * scale + bias`` with ``q`` in
 0..255, ``scale`` and ``bias`` fp32 per row); they stay in that form in memory and only the rows a
 batch touches are dequantized. Lookups are immutable: :meth:`with_rows` returns a new one.
@@ -209,15 +213,70 @@ class ModuloLookup:
         return self.rows.nbytes()
 
 
-Lookup = KeyedLookup | ModuloLookup
+class ProjectedLookup:
+    """A lookup of rows of width d, pooled, then mapped to width D by ``projection`` [D, d].
+
+    Args:
+        inner: the lookup of the stored rows.
+        projection: [D, d] float32, the table's learned map (no bias).
+    """
+
+    def __init__(self, inner: "KeyedLookup | ModuloLookup", projection: torch.Tensor) -> None:
+        self.inner, self.projection = inner, projection
+        self.kind = inner.kind
+
+    @property
+    def rows(self) -> QuantizedRows:
+        """The stored rows (width d)."""
+        return self.inner.rows
+
+    @property
+    def width(self) -> int:
+        """D, the output width."""
+        return int(self.projection.shape[0])
+
+    def __call__(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """values [N] int64, lengths [B] -> [B, D] projected sums."""
+        return self.inner(values, lengths) @ self.projection.T  # [B, d] @ [d, D]
+
+    def with_rows(self, ids: torch.Tensor, rows: torch.Tensor, deleted: torch.Tensor) -> "ProjectedLookup":
+        """As the inner lookup's, with rows of the stored width d."""
+        return ProjectedLookup(self.inner.with_rows(ids, rows, deleted), self.projection)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a bundle stores of it."""
+        return {**self.inner.tensors(), "projection": self.projection}
+
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return self.inner.nbytes() + self.projection.numel() * 4
+
+
+Lookup = KeyedLookup | ModuloLookup | ProjectedLookup
+
+LOOKUPS = ("keyed", "modulo")
+"""Every lookup kind a serving form may name."""
 
 
 def lookup_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Lookup:
-    """Rebuild a lookup from what :meth:`tensors` gave (shapes and dtypes checked).
+    """Rebuild a lookup from what :meth:`tensors` gave (shapes and dtypes checked); a
+    ``projection`` array wraps it in a :class:`ProjectedLookup`.
 
     Raises:
         ValueError: a missing array, a wrong dtype or shape, or keys not strictly ascending.
     """
+    if "projection" not in tensors:
+        return _plain_lookup(kind, tensors)
+    inner = _plain_lookup(kind, {k: v for k, v in tensors.items() if k != "projection"})
+    projection = _array(tensors, "projection", torch.float32, 2)
+    if projection.shape[1] != inner.width:
+        raise ValueError(f"projection {tuple(projection.shape)} does not take rows of width {inner.width}")
+    if not bool(torch.isfinite(projection).all()):
+        raise ValueError("the projection is not finite")
+    return ProjectedLookup(inner, projection)
+
+
+def _plain_lookup(kind: str, tensors: dict[str, torch.Tensor]) -> "KeyedLookup | ModuloLookup":
     rows = _rows_from(tensors)
     if kind == "modulo":
         if len(rows) < 1:

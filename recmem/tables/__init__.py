@@ -13,7 +13,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
-from recmem.tables.base import ServingForm
+from recmem.tables.base import HasAuxiliaryLoss, HasDenseParameters, ServingForm
 from recmem.tables.collisionless import CollisionlessTable
 from recmem.tables.full import FullTable
 from recmem.tables.hash import HashTable
@@ -35,8 +35,12 @@ class TableCollection(torch.nn.Module):
 
     def __init__(self, tables: list[torch.nn.Module], feature_names: list[str]) -> None:
         super().__init__()
+        widths = {t.embedding_dim for t in tables}
+        if len(widths) != 1:
+            raise ValueError(f"tables of output widths {sorted(widths)}: the model stacks them, they need one")
         self.tables = torch.nn.ModuleList(tables)
         self.feature_names = list(feature_names)
+        self.embedding_dim = widths.pop()
         owned = [f for t in tables for f in t.feature_names]
         # One table covering every feature in order (the common case) needs no KJT re-grouping.
         self._passthrough = len(tables) == 1 and owned == self.feature_names
@@ -53,6 +57,16 @@ class TableCollection(torch.nn.Module):
         """Every feature's serving form (``base.ServingForm``), in ``feature_names`` order."""
         forms = {f: form for t in self.tables for f, form in zip(t.feature_names, t.to_serving())}
         return [forms[f] for f in self.feature_names]
+
+    def dense_parameters(self) -> list[torch.nn.Parameter]:
+        """The tables' own dense parameters (``base.HasDenseParameters``), for the dense optimizer."""
+        return [p for t in self.tables if isinstance(t, HasDenseParameters) for p in t.dense_parameters()]
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The sum of the tables' loss terms for the forward that just ran (``base.HasAuxiliaryLoss``);
+        None when no table adds one."""
+        terms = [t.auxiliary_loss() for t in self.tables if isinstance(t, HasAuxiliaryLoss)]
+        return torch.stack(terms).sum() if terms else None
 
     def memory_bytes(self) -> int:
         """Bytes in RAM over all tables."""
@@ -74,18 +88,23 @@ def _select(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
 
 def build_tables(
     configs: list[TableConfig], sparse_features: list[str], data_root: Path, seed: int = 0,
-    make: Callable[..., torch.nn.Module] | None = None,
+    make: Callable[..., torch.nn.Module] | None = None, output_dim: int = 0,
 ) -> TableCollection:
     """Turn the ``model.tables`` blocks into a TableCollection covering every sparse feature.
 
     A block with empty ``feature_names`` takes every feature no earlier block named. ``make(kind,
     cfg, feature_names, seed, data_root, where)`` builds one block's module; the default is the
-    kind's ``from_config`` (the ID-sharded path in ``sharded.py`` passes its own).
+    kind's ``from_config(..., output_dim=output_dim)`` (the ID-sharded path in ``sharded.py`` passes
+    its own).
+
+    Args:
+        output_dim: the model's width (``model.embedding_dim``); 0: the blocks' shared ``embedding_dim``.
 
     Raises:
-        ConfigError: an unknown kind or feature, a feature claimed twice or by no block, or widths
-            that differ between blocks.
+        ConfigError: an unknown kind or feature, a feature claimed twice or by no block, or a table
+            whose output width is not the model's.
     """
+    output_dim = output_dim or configs[0].embedding_dim
     claimed = {f for c in configs for f in c.feature_names}
     taken: set[str] = set()
     tables = []
@@ -101,11 +120,13 @@ def build_tables(
                 raise ConfigError(f"{where}.feature_names: {f!r} already has a table")
         taken.update(names)
         if names:
-            build = make or (lambda kind, *args: kind.from_config(*args))
-            tables.append(build(TABLE_KINDS[cfg.kind], cfg, names, seed + i, Path(data_root), where))
+            build = make or (lambda kind, *args: kind.from_config(*args, output_dim=output_dim))
+            table = build(TABLE_KINDS[cfg.kind], cfg, names, seed + i, Path(data_root), where)
+            if table.embedding_dim != output_dim:
+                raise ConfigError(f"{where}.embedding_dim: this {cfg.kind!r} table yields rows of width "
+                                  f"{table.embedding_dim}, the model's width is {output_dim} (model.embedding_dim)")
+            tables.append(table)
     missing = [f for f in sparse_features if f not in taken]
     if missing:
         raise ConfigError(f"model.tables: no table for features {missing}")
-    if len({c.embedding_dim for c in configs}) > 1:
-        raise ConfigError("model.tables: every block needs the same embedding_dim (models stack them)")
     return TableCollection(tables, sparse_features)

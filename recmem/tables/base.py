@@ -7,9 +7,15 @@ their sum-pooled embeddings stacked in its ``feature_names`` order::
     KJT keys = feature_names, lengths [F * B], values raw int64 IDs
         -> forward ->  [B, F, D] float32   (D = embedding_dim, an empty bag gives a zero row)
 
-Tables update themselves: their optimizer (row-wise Adagrad at least) runs inside backward, fused with
-the gradient, so the dense optimizer never sees table weights. ``state_dict()`` holds weights *and*
-optimizer state *and* any ID mapping, saved together so a restore continues training identically.
+``embedding_dim`` is the table's *output* width, the model's one width (``model.embedding_dim``);
+what a kind stores behind it may be narrower or compositional.
+
+Tables update their rows themselves: their optimizer (row-wise Adagrad at least) runs inside
+backward, fused with the gradient, so the dense optimizer never sees table rows. Small dense
+parameters a kind owns (projections) are the exception: it lists them in ``dense_parameters()``
+and the trainer's dense optimizer updates them with the dense layers. ``state_dict()`` holds
+weights *and* optimizer state *and* any ID mapping, saved together so a restore continues training
+identically.
 """
 
 from __future__ import annotations
@@ -19,15 +25,19 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recmem.config import ConfigError, TableConfig
+
 
 class ServingForm(NamedTuple):
     """One feature's table as serving needs it (see ``recmem/serving/lookup.py``).
 
     Attributes:
         lookup: ``"keyed"`` (sorted raw IDs, their rows, a default row for other IDs) or
-            ``"modulo"`` (row ``id mod n``).
-        tensors: keyed: ``keys`` [n] int64 ascending, ``rows`` [n, D] float32, ``default`` [D]
-            float32; modulo: ``rows`` [n, D] float32. Copies, never views of training storage.
+            ``"modulo"`` (row ``id mod n``); ``recmem.serving.lookup.LOOKUPS`` lists every lookup.
+        tensors: keyed: ``keys`` [n] int64 ascending, ``rows`` [n, d] float32, ``default`` [d]
+            float32; modulo: ``rows`` [n, d] float32. Any lookup may add ``projection`` [D, d]
+            float32: the pooled rows are multiplied by its transpose (a table's learned map from
+            its storage width d to the output width D). Copies, never views of training storage.
     """
 
     lookup: str
@@ -46,7 +56,8 @@ class EmbeddingTable(Protocol):
         ...
 
     def memory_bytes(self) -> int:
-        """Bytes held in RAM: rows, optimizer state, ID maps, filters."""
+        """Bytes held in RAM, measured from the live tensors and arrays (never from the config):
+        rows, their optimizer state, projections, ID maps, filters."""
         ...
 
     def stats(self) -> dict[str, float]:
@@ -59,6 +70,44 @@ class EmbeddingTable(Protocol):
         pure-torch lookup that answers exactly as ``forward`` does in eval mode. A new kind brings
         its own; the contract suite checks it (``tests/test_tables_contract.py``)."""
         ...
+
+
+@runtime_checkable
+class HasDenseParameters(Protocol):
+    """A table owning small dense parameters (projections) that the dense optimizer trains."""
+
+    def dense_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the trainer's dense optimizer must update (never the rows)."""
+        ...
+
+
+@runtime_checkable
+class HasAuxiliaryLoss(Protocol):
+    """A table adding a term to the training loss (a regulariser of its own parameters)."""
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """A scalar added to the loss of the step whose forward just ran (logged apart from it)."""
+        ...
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the storage behind ``tensors``, each storage counted once (views share one)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+def check_width(cfg: TableConfig, where: str, output_dim: int | None) -> None:
+    """For kinds whose rows are their output: the block's ``embedding_dim`` must be the model's.
+
+    Raises:
+        ConfigError: naming ``<where>.embedding_dim`` and both widths.
+    """
+    if output_dim is not None and cfg.embedding_dim != output_dim:
+        raise ConfigError(f"{where}.embedding_dim: {cfg.embedding_dim} differs from the model's width "
+                          f"model.embedding_dim={output_dim}; a {cfg.kind!r} table stores rows of its output width")
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig, from_dict
-from recmem.tables.base import ServingForm
+from recmem.tables.base import ServingForm, check_width
 from recmem.tables.fused import FusedRowwiseAdagrad
 from recmem.tables.idhash import shard_of
 from recmem.tables.sharded import KindShard
@@ -91,8 +91,9 @@ class CollisionlessTable(torch.nn.Module):
 
     @classmethod
     def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
-                    where: str) -> "CollisionlessTable":
+                    where: str, output_dim: int | None = None) -> "CollisionlessTable":
         """Build from a table block; the knobs are in ``options`` (:class:`CollisionlessOptions`)."""
+        check_width(cfg, where, output_dim)
         return _build(cls, cfg, feature_names, seed, where, world_size=1)
 
     @classmethod

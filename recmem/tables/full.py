@@ -11,7 +11,7 @@ from numba import njit
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import TableConfig, from_dict
-from recmem.tables.base import ServingForm
+from recmem.tables.base import ServingForm, check_width
 from recmem.tables.fused import FusedRowwiseAdagrad
 from recmem.tables.sharded import RowKeys, RowRouter
 
@@ -55,10 +55,12 @@ class FullTable(torch.nn.Module):
         self.rows = FusedRowwiseAdagrad(rows, embedding_dim, learning_rate, seed)
 
     @classmethod
-    def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str):
+    def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str,
+                    output_dim: int | None = None):
         """Build from a table block, reading vocabularies from ``data_root``'s statistics."""
         from recmem.data.stats import load_ids
 
+        check_width(cfg, where, output_dim)
         options = from_dict(FullOptions, cfg.options, f"{where}.options")
         vocabs = [load_ids(data_root, f, options.min_count) for f in feature_names]
         return cls(feature_names, vocabs, cfg.embedding_dim, cfg.learning_rate, seed)

@@ -20,6 +20,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 
+from recmem.tables.base import tensor_bytes
+
 
 class FusedRowwiseAdagrad(torch.nn.Module):
     """T tables of width D in one fbgemm TBE, trained by exact row-wise Adagrad inside backward.
@@ -112,5 +114,13 @@ class FusedRowwiseAdagrad(torch.nn.Module):
         self.tbe.set_learning_rate(learning_rate)
 
     def memory_bytes(self) -> int:
-        """Bytes of rows and optimizer state."""
-        return sum(n * (self.embedding_dim + 1) * 4 for n in self.rows)
+        """Bytes of rows and optimizer state, measured from fbgemm's host buffers."""
+        return self.row_bytes() + self.optimizer_bytes()
+
+    def row_bytes(self) -> int:
+        """Bytes of the rows (fbgemm's ``weights_host``)."""
+        return tensor_bytes(self.tbe.weights_host)
+
+    def optimizer_bytes(self) -> int:
+        """Bytes of the row-wise Adagrad state (fbgemm's ``momentum1_host``)."""
+        return tensor_bytes(self.tbe.momentum1_host)

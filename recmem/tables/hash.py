@@ -8,7 +8,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
-from recmem.tables.base import ServingForm
+from recmem.tables.base import ServingForm, check_width
 from recmem.tables.fused import FusedRowwiseAdagrad
 from recmem.tables.sharded import RowKeys, RowRouter
 
@@ -42,8 +42,10 @@ class HashTable(torch.nn.Module):
         self.rows = FusedRowwiseAdagrad([num_embeddings] * len(feature_names), embedding_dim, learning_rate, seed)
 
     @classmethod
-    def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str):
+    def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str,
+                    output_dim: int | None = None):
         """Build from a table block; ``num_embeddings`` is required and there are no options."""
+        check_width(cfg, where, output_dim)
         _check_config(cfg, where)
         return cls(feature_names, cfg.num_embeddings, cfg.embedding_dim, cfg.learning_rate, seed)
 

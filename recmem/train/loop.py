@@ -123,7 +123,7 @@ def train(
     """
     t = cfg.train
     model = model or build_job_model(cfg)
-    optimizer = make_dense_optimizer(cfg, list(model.dense.parameters()))
+    optimizer = make_dense_optimizer(cfg, model.dense_parameters())
     if store is None:
         key = resume_key(cfg, index_split(cfg.data.root, "train", cfg.data.schema))
         store = LocalCheckpoints(Path(cfg.workdir) / t.checkpoint_dir, t.resume, key=key,
@@ -180,7 +180,7 @@ def _train(
         return metrics
 
     history: list[dict[str, float]] = []
-    trained, train_seconds, data_seconds, loss_sum, loss_n, skipped = 0, 0.0, 0.0, 0.0, 0, 0
+    trained, train_seconds, data_seconds, loss_sum, aux_sum, loss_n, skipped = 0, 0.0, 0.0, 0.0, 0.0, 0, 0
     first_step = step
     bar = tqdm(desc="train", unit="batch", disable=not (t.progress and rank == 0), initial=step)
     done = bool(t.max_steps and step >= t.max_steps)  # a resumed run may have reached it already
@@ -194,6 +194,9 @@ def _train(
                 for table in evictable:
                     table.observe_time(now)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+            aux = model.tables.auxiliary_loss()  # a table's own regulariser, logged apart from the loss
+            aux_value = 0.0 if aux is None else float(aux.detach())
+            loss = loss if aux is None else loss + aux
             value = float(loss.detach())
             problem = None if math.isfinite(value) else why_nonfinite(batch, value)
             if t.nonfinite == "skip":  # every rank must skip the same batch; a stop needs no agreement:
@@ -202,7 +205,7 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # the tables' fused optimizers update here
                 optimizer.step()
-                loss_sum, loss_n = loss_sum + value, loss_n + 1
+                loss_sum, aux_sum, loss_n = loss_sum + value, aux_sum + aux_value, loss_n + 1
             else:  # no update anywhere: the batch is left out, or the run stops here
                 skipped += 1
                 log.log_metrics({"train/loss": value, "train/skipped_batches": float(skipped)}, step + 1)
@@ -227,12 +230,14 @@ def _train(
                     table.evict(now)
             if t.log_every and step % t.log_every == 0 and loss_n:
                 sps = trained * world_size() / max(train_seconds, 1e-9)
-                logged = {"train/loss": loss_sum / loss_n, "train/samples_per_second": sps}
+                logged = {"train/loss": (loss_sum - aux_sum) / loss_n, "train/samples_per_second": sps}
+                if aux is not None:
+                    logged["train/aux_loss"] = aux_sum / loss_n
                 reported.update(logged)
                 log.log_metrics(logged, step)
-                history.append({"step": step, "train/loss": loss_sum / loss_n})
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", sps=f"{sps:,.0f}")
-                loss_sum, loss_n = 0.0, 0
+                history.append({"step": step, **{k: v for k, v in logged.items() if "loss" in k}})
+                bar.set_postfix(loss=f"{logged['train/loss']:.4f}", sps=f"{sps:,.0f}")
+                loss_sum, aux_sum, loss_n = 0.0, 0.0, 0
             if t.eval_every and step % t.eval_every == 0:
                 bar.set_postfix(valid_auc=f"{validate().get('valid/auc', float('nan')):.4f}")
             if t.checkpoint_every and step % t.checkpoint_every == 0:

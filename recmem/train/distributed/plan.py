@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from recmem.config import Config, TableConfig
+from recmem.config import Config, TableConfig, model_embedding_dim
 from recmem.models import CTRModel, build_dense, build_model
 from recmem.tables import TableCollection, build_tables
 from recmem.tables.sharded import RowKeyedKind, kind_shard, sharded_table
@@ -62,7 +62,8 @@ def build_worker_model(cfg: Config, world_size: int, device: torch.device = torc
     # DMP initialises its shards from it, which would shift the dense layers' initial values.
     torch.manual_seed(cfg.seed)
     dense = build_dense(m, schema).to(device)
-    tables = build_tables(m.tables, schema.sparse, Path(cfg.data.root), cfg.seed, make=make)
+    tables = build_tables(m.tables, schema.sparse, Path(cfg.data.root), cfg.seed, make=make,
+                          output_dim=model_embedding_dim(m))
     ddp = DistributedDataParallel(dense, device_ids=[device] if device.type == "cuda" else None)
     return CTRModel(tables, ddp, bf16, device)
 
