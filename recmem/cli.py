@@ -30,6 +30,8 @@ COMMANDS = {
                 "and register it as a new version of --name",
     "promote": "point a registered model's alias (--alias, default champion) at VERSION; prints old -> new",
     "models": "list a registered model's versions, aliases and tags",
+    "serve": "serve a model over HTTP (--bundle FOLDER, or --model NAME following --alias in the MLflow "
+             "Model Registry): POST /predict, POST /delta, GET /health, GET /metrics",
 }
 
 EPILOG = """examples:
@@ -66,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=2")
         if name == "export":
             _export_arguments(c)
+        if name == "serve":
+            _serve_arguments(c)
     return p
 
 
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": _generate, "prepare": _prepare, "train": _train,
                 "evaluate": _evaluate, "quickstart": _quickstart,
                 "export": lambda c: _export(c, args), "register": lambda c: _register(c, args),
-                "promote": lambda c: _promote(c, args), "models": lambda c: _models(c, args)}[args.command](cfg)
+                "promote": lambda c: _promote(c, args), "models": lambda c: _models(c, args),
+                "serve": lambda c: _serve(c, args)}[args.command](cfg)
     except (ConfigError, OSError, LockedError, TrackingUnavailable, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -244,6 +249,36 @@ def _models(cfg: Config, args: argparse.Namespace) -> int:
         print(f"version {v['version']:>4}  {','.join(v['aliases']) or '-':<12} {tags.get('recmem.bundle_version', '-')}  "
               f"valid AUC {tags.get('recmem.valid_auc', '-')}  run {v['run_id'] or '-'}")
     return 0
+
+
+def _serve_arguments(c: argparse.ArgumentParser) -> None:
+    from recmem.serve.limits import Limits
+
+    source = c.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", help="a bundle folder written by recmem export")
+    source.add_argument("--model", help="a registered model name (MLflow Model Registry)")
+    c.add_argument("--alias", default="champion", help="the alias to serve and follow (default champion)")
+    c.add_argument("--name", help="the model name in answers and metrics (default: --model, else recmem)")
+    c.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    c.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    c.add_argument("--poll-s", type=float, default=30.0, help="seconds between alias polls (default 30)")
+    for field, text in (("max_body_bytes", "largest /predict body"), ("max_rows", "most rows per /predict"),
+                        ("max_bag", "most IDs in one multi-hot bag"), ("max_delta_bytes", "largest /delta body")):
+        default = getattr(Limits(), field)
+        c.add_argument(f"--{field.replace('_', '-')}", type=int, default=default, help=f"{text} (default {default})")
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    from recmem.serve.run import ServeOptions, serve
+    from recmem.serve.limits import Limits
+    from recmem.tracking.logger import default_tracking_uri
+
+    limits = Limits(args.max_body_bytes, args.max_rows, args.max_bag, args.max_delta_bytes)
+    if min(limits.max_body_bytes, limits.max_rows, limits.max_bag, limits.max_delta_bytes) < 1 or args.poll_s <= 0:
+        raise ValueError("--max-* limits and --poll-s must be positive")
+    tracking = cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir)
+    return serve(ServeOptions(args.bundle, args.model, args.alias, args.name, args.host, args.port, args.poll_s,
+                              Path(cfg.workdir) / "serving" / (args.model or "bundle"), tracking, limits))
 
 
 def _print_result(metrics: dict[str, float], samples_per_second: float, run: str, resumed: bool) -> None:
