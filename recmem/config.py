@@ -197,7 +197,7 @@ class ModelConfig:
     ``embedding_dim`` is the width of every pooled embedding the dense part sees (the model's output
     width of its tables); 0 takes the tables' ``embedding_dim``, which every block must then share.
     A block's own ``embedding_dim`` is its storage width: kinds that store narrower or compositional
-    rows (``mixed_dim``, ``qr`` with concat) map them to the model's width; the others must equal it.
+    rows (``qr`` with concat) map them to the model's width; the others must equal it.
     """
 
     arch: Literal["dlrm", "dcnv2"] = "dlrm"
@@ -549,6 +549,12 @@ def _broken_rules(cfg: Config) -> Iterator[str]:
             yield (f"model.tables.{i}.embedding_dim: {table.embedding_dim} differs from "
                    f"model.tables.0.embedding_dim={dim} (the model stacks every block's embeddings; "
                    "set model.embedding_dim for blocks of other storage widths)")
+    workers = cfg.ray.num_workers if cfg.ray.enabled else 1
+    for i, table in enumerate(m.tables):
+        if workers > 1 and table.kind in SINGLE_WORKER_KINDS:
+            yield (f"model.tables.{i}.kind: {table.kind!r} tables train on one worker only, not on "
+                   f"ray.num_workers={workers} (their rows are shared between IDs, so they cannot be split "
+                   "by row or by ID); set ray.num_workers=1 or ray.enabled=false")
     roles = [("label", schema.label), *(("dense", c) for c in schema.dense), *(("sparse", c) for c in schema.sparse),
              ("event_time", schema.event_time), ("true_prob", schema.true_prob)]
     first_role: dict[str, str] = {}
@@ -563,6 +569,11 @@ def _broken_rules(cfg: Config) -> Iterator[str]:
         yield "train.register_as: registering needs MLflow (tracking.enabled=true)"
     if len(cfg.data.raw.delimiter) != 1:
         yield f"data.raw.delimiter: {cfg.data.raw.delimiter!r} must be one character"
+
+
+SINGLE_WORKER_KINDS = ("qr",)
+"""Table kinds that split over no Ray workers yet (their rows are shared between IDs, so neither the
+row split nor the ID split of ``recmem/tables/sharded.py`` applies): refused for ray.num_workers > 1."""
 
 
 def model_embedding_dim(m: ModelConfig) -> int:

@@ -31,6 +31,7 @@ KINDS = {
     "full": [],
     "hash": ["model.tables.0.num_embeddings=64"],
     "collisionless": ["model.tables.0.options={capacity: 1000, initial_rows: 16}"],
+    "qr": ["model.tables.0.options={collisions: 4, threshold: 30, oov_buckets: 3}"],
 }
 
 
@@ -338,6 +339,10 @@ def test_a_delta_makes_a_new_bundle_and_leaves_the_old_one(trained):
     row = {**{f: 1.0 for f in s.dense}, **{f: 77 for f in s.sparse}}
     before = bundle.predict([row])
     key = 77 % bundle.manifest["tables"][0]["rows"] if lookup == "modulo" else 77
+    if lookup == "composed":  # ids are stored row numbers: the row (the quotient row under qr) ID 77 reads
+        composed = bundle._lookups[0]
+        r = int(composed.row_numbers(torch.tensor([77]))[0])
+        key = r if composed.op == "single" else r // composed._c
     delta = {"base_version": bundle.version, "version": "v2",
              "tables": {"C1": {"ids": [key], "rows": [[0.5] * width]}}}
     updated = bundle.apply_delta(delta)

@@ -59,7 +59,8 @@ BUNDLE_FORMAT = 1
 """The layout version this loader reads (``manifest["bundle_format"]``)."""
 _MAX_MANIFEST_BYTES = 64 << 20
 _ARRAY_DTYPES = {"keys": {np.int64}, "rows": {np.float32, np.float16, np.uint8}, "scale": {np.float32},
-                 "bias": {np.float32}, "default": {np.float32}, "projection": {np.float32}}
+                 "bias": {np.float32}, "default": {np.float32}, "projection": {np.float32},
+                 "params": {np.int64}}
 
 
 class BundleError(ValueError):
@@ -246,9 +247,9 @@ def _changed_lookup(lookup: Lookup, change: Any, where: str) -> Lookup:
         raise InputError(f"{where}: an ID is both updated and deleted")
     if lookup.kind != "keyed":
         if deleted.numel():
-            raise InputError(f"{where}.deleted: a hash table has no IDs to delete (send its rows)")
+            raise InputError(f"{where}.deleted: a {lookup.kind} table has no IDs to delete (send its rows)")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(lookup.rows)):
-            raise InputError(f"{where}.ids: a hash table's ids are row numbers in [0, {len(lookup.rows)})")
+            raise InputError(f"{where}.ids: a {lookup.kind} table's ids are row numbers in [0, {len(lookup.rows)})")
     return lookup.with_rows(ids, rows, deleted)
 
 

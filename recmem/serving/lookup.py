@@ -6,6 +6,8 @@ Every table kind hands the exporter, per feature, one of two lookups (its ``to_s
   uses it with its out-of-vocabulary row as the default; ``collisionless`` with a zero row (an ID
   without a row pools to nothing in training, which a zero row reproduces exactly).
 - :class:`ModuloLookup`: ``id mod n`` picks the row (``hash``): every ID has a row, none is unseen.
+- :class:`ComposedLookup`: vocabulary position or hashed OOV row r, then row r or the
+  quotient-remainder composition of two rows (``qr``).
 
 Either may carry a ``projection`` [D, d]: a table that stores rows of width d and maps them to the
 model's width D by a learned linear map (no bias) answers ``pooled @ projection.T``; pooling is a
@@ -213,6 +215,95 @@ class ModuloLookup:
         return self.rows.nbytes()
 
 
+COMPOSE_OPS = ("single", "mult", "add", "concat")
+"""How a :class:`ComposedLookup` turns row number r into an embedding (``params[4]`` indexes this)."""
+
+
+class ComposedLookup:
+    """Raw ID -> row number r -> an embedding: one row, or two rows composed (quotient-remainder).
+
+    r is the ID's position in the sorted vocabulary ``keys``, else ``n + bucket`` with ``bucket``
+    the ID's hash (``recmem.serving.hashing``) into ``oov_buckets`` shared rows. Then, by ``op``:
+    ``single``: row r; ``mult`` / ``add`` / ``concat``: rows ``r // c`` (quotient, the first
+    ``quotient_rows`` rows) and ``quotient_rows + r % c`` (remainder) multiplied element-wise,
+    added, or concatenated. Each ID's embedding is composed before the bag is summed.
+
+    Args:
+        keys: [n] int64, strictly ascending.
+        rows: single: n + oov_buckets rows; composed: quotient rows, then c remainder rows.
+        params: [6] int64: oov_buckets, hash multiplier, hash offset, c, op (index in
+            :data:`COMPOSE_OPS`), quotient_rows.
+    """
+
+    kind = "composed"
+
+    def __init__(self, keys: torch.Tensor, rows: QuantizedRows, params: torch.Tensor) -> None:
+        self.keys, self.rows, self.params = keys, rows, params
+        self._oov, self._mult, self._offset, self._c, op, self._quotient_rows = (int(x) for x in params)
+        self.op = COMPOSE_OPS[op]
+
+    @property
+    def width(self) -> int:
+        """The embedding width (twice the rows' for concat)."""
+        return self.rows.width * (2 if self.op == "concat" else 1)
+
+    def row_numbers(self, values: torch.Tensor) -> torch.Tensor:
+        """[N] raw IDs -> [N] int64 row numbers r (vocabulary position, else a hashed OOV row)."""
+        from recmem.serving.hashing import buckets
+
+        n = self.keys.shape[0]
+        oov = n + buckets(values, self._mult, self._offset, self._oov)
+        if n == 0:
+            return oov
+        pos = torch.searchsorted(self.keys, values).clamp_(max=n - 1)
+        return torch.where(self.keys[pos] == values, pos, oov)
+
+    def __call__(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """values [N] int64, lengths [B] -> [B, width] summed embeddings."""
+        r = self.row_numbers(values)
+        if self.op == "single":
+            return pool(self.rows.gather(r), lengths)
+        quotient = self.rows.gather(torch.div(r, self._c, rounding_mode="floor"))  # [N, d]
+        remainder = self.rows.gather(self._quotient_rows + torch.remainder(r, self._c))  # [N, d]
+        if self.op == "mult":
+            return pool(quotient * remainder, lengths)
+        if self.op == "add":
+            return pool(quotient + remainder, lengths)
+        return pool(torch.cat([quotient, remainder], dim=1), lengths)
+
+    def with_rows(self, ids: torch.Tensor, rows: torch.Tensor, deleted: torch.Tensor) -> "ComposedLookup":
+        """A new lookup with stored rows number ``ids`` [k] set to ``rows`` [k, d]."""
+        if deleted.numel():
+            raise ValueError("a composed table has no IDs to delete; send its rows")
+        return ComposedLookup(self.keys, self.rows.replaced(ids, rows), self.params)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a bundle stores of it."""
+        return {"keys": self.keys, "params": self.params, **self.rows.tensors()}
+
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return self.keys.numel() * 8 + self.rows.nbytes() + self.params.numel() * 8
+
+
+def _composed_lookup(tensors: dict[str, torch.Tensor], rows: QuantizedRows) -> ComposedLookup:
+    from recmem.serving.hashing import PRIME
+
+    keys, params = _array(tensors, "keys", torch.int64, 1), _array(tensors, "params", torch.int64, 1)
+    if params.shape[0] != 6:
+        raise ValueError("params must hold 6 integers")
+    oov, mult, offset, c, op, quotient_rows = (int(x) for x in params)
+    if oov < 1 or not 1 <= mult < PRIME or not 0 <= offset < PRIME or c < 1 or not 0 <= op < len(COMPOSE_OPS):
+        raise ValueError(f"params {params.tolist()} are out of range")
+    n = keys.shape[0] + oov
+    need = n if COMPOSE_OPS[op] == "single" else -(-n // c) + c
+    if (COMPOSE_OPS[op] != "single" and quotient_rows != -(-n // c)) or len(rows) != need:
+        raise ValueError(f"{len(rows)} rows for {n} row numbers under {COMPOSE_OPS[op]} (c={c}); expected {need}")
+    if keys.shape[0] > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        raise ValueError("keys are not strictly ascending")
+    return ComposedLookup(keys, rows, params)
+
+
 class ProjectedLookup:
     """A lookup of rows of width d, pooled, then mapped to width D by ``projection`` [D, d].
 
@@ -221,7 +312,7 @@ class ProjectedLookup:
         projection: [D, d] float32, the table's learned map (no bias).
     """
 
-    def __init__(self, inner: "KeyedLookup | ModuloLookup", projection: torch.Tensor) -> None:
+    def __init__(self, inner: "KeyedLookup | ModuloLookup | ComposedLookup", projection: torch.Tensor) -> None:
         self.inner, self.projection = inner, projection
         self.kind = inner.kind
 
@@ -252,9 +343,9 @@ class ProjectedLookup:
         return self.inner.nbytes() + self.projection.numel() * 4
 
 
-Lookup = KeyedLookup | ModuloLookup | ProjectedLookup
+Lookup = KeyedLookup | ModuloLookup | ComposedLookup | ProjectedLookup
 
-LOOKUPS = ("keyed", "modulo")
+LOOKUPS = ("keyed", "modulo", "composed")
 """Every lookup kind a serving form may name."""
 
 
@@ -276,8 +367,10 @@ def lookup_from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Lookup:
     return ProjectedLookup(inner, projection)
 
 
-def _plain_lookup(kind: str, tensors: dict[str, torch.Tensor]) -> "KeyedLookup | ModuloLookup":
+def _plain_lookup(kind: str, tensors: dict[str, torch.Tensor]) -> "KeyedLookup | ModuloLookup | ComposedLookup":
     rows = _rows_from(tensors)
+    if kind == "composed":
+        return _composed_lookup(tensors, rows)
     if kind == "modulo":
         if len(rows) < 1:
             raise ValueError("a modulo table needs at least one row")

@@ -17,11 +17,13 @@ from recmem.tables.base import HasAuxiliaryLoss, HasDenseParameters, ServingForm
 from recmem.tables.collisionless import CollisionlessTable
 from recmem.tables.full import FullTable
 from recmem.tables.hash import HashTable
+from recmem.tables.qr import QRTable
 
 TABLE_KINDS = {
     "full": FullTable,
     "hash": HashTable,
     "collisionless": CollisionlessTable,
+    "qr": QRTable,
 }
 
 

@@ -11,6 +11,7 @@ from numba import njit
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import TableConfig, from_dict
+from recmem.serving.hashing import buckets
 from recmem.tables.base import ServingForm, check_width
 from recmem.tables.fused import FusedRowwiseAdagrad
 from recmem.tables.sharded import RowKeys, RowRouter
@@ -116,6 +117,24 @@ def vocab_rows(features: KeyedJaggedTensor, vocabs: list[torch.Tensor]) -> torch
     start = 0
     for vocab, n in zip(vocabs, features.length_per_key()):
         _vocab_positions(vocab.numpy(), values[start : start + n].numpy(), rows[start : start + n].numpy())
+        start += n
+    return rows
+
+
+def hashed_vocab_rows(features: KeyedJaggedTensor, vocabs: list[torch.Tensor], oov_hash: torch.Tensor,
+                      oov_buckets: int) -> torch.Tensor:
+    """Raw IDs -> rows [N]: the vocabulary position, else ``len(vocab) + bucket`` where ``bucket``
+    hashes the ID into ``oov_buckets`` shared rows (``oov_hash`` [F, 2]: each feature's hash
+    multiplier and offset, ``recmem.serving.hashing``); one bucket is :func:`vocab_rows`."""
+    rows = vocab_rows(features, vocabs)
+    if oov_buckets == 1:
+        return rows
+    values, start = features.values(), 0
+    for f, (vocab, n) in enumerate(zip(vocabs, features.length_per_key())):
+        part, ids = rows[start:start + n], values[start:start + n]  # views: written in place
+        unseen = part == len(vocab)
+        mult, offset = (int(x) for x in oov_hash[f])
+        part[unseen] = len(vocab) + buckets(ids[unseen], mult, offset, oov_buckets)
         start += n
     return rows
 
