@@ -36,6 +36,9 @@ def test_ray_job_submit_runs_the_quickstart(ray_cluster, tmp_path):
         if "No available agent to submit job" not in job.stderr or time.monotonic() > deadline:
             break
         time.sleep(2)
+    assert "No available agent to submit job" not in job.stderr, (
+        "the test Ray's job agent did not come up in 60 s: another Ray with a dashboard on this host "
+        "holds the agent's fixed port 52365 (ray.init cannot move it), e.g. a second test run at once")
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout + job.stderr
     assert "valid AUC" in job.stdout and "MLflow: run" in job.stdout, job.stdout[-4000:]
