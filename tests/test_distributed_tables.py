@@ -20,7 +20,10 @@ from recmem.tables.sharded import RowShard, build_sharded_tables
 WORLD = 2
 LOCAL_BATCH = 48
 BLOCKS = [
-    TableConfig(kind="full", embedding_dim=8, feature_names=["C1", "C2"], learning_rate=0.1),
+    TableConfig(kind="full", embedding_dim=8, feature_names=["C1"], learning_rate=0.1),
+    # frequency-aware: the rarer IDs (and unseen ones) share 5 hashed rows, routed alike on every rank
+    TableConfig(kind="full", embedding_dim=8, feature_names=["C2"], learning_rate=0.1,
+                options={"min_count": 3, "oov_buckets": 5}),
     TableConfig(kind="hash", embedding_dim=8, feature_names=["C3", "C4"], num_embeddings=37, learning_rate=0.1),
 ]
 

@@ -29,15 +29,20 @@ from tests.conftest import tiny_config, tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {
     "full": [],
+    "full_buckets": ["model.tables.0.options={min_count: 10, oov_buckets: 5}"],
     "hash": ["model.tables.0.num_embeddings=64"],
     "collisionless": ["model.tables.0.options={capacity: 1000, initial_rows: 16}"],
     "qr": ["model.tables.0.options={collisions: 4, threshold: 30, oov_buckets: 3}"],
 }
 
 
+VARIANT_KINDS = {"full_buckets": "full"}
+"""The table kind of each KINDS entry that is a variant of a kind rather than a kind."""
+
+
 def _config(root: Path, workdir: Path, kind: str, *more: str):
     return tiny_config(root, workdir, "ray.enabled=false", "train.max_steps=12", "tracking.enabled=false",
-                       f"model.tables.0.kind={kind}", *KINDS[kind], *more)
+                       f"model.tables.0.kind={VARIANT_KINDS.get(kind, kind)}", *KINDS[kind], *more)
 
 
 @pytest.fixture(scope="module", params=sorted(KINDS))

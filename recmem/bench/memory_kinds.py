@@ -29,6 +29,9 @@ VARIANTS: dict[str, TableConfig] = {
     "qr_c4": TableConfig(kind="qr", options={"collisions": 4}),
     "qr_c16": TableConfig(kind="qr", options={"collisions": 16}),
     "qr_c64": TableConfig(kind="qr", options={"collisions": 64}),
+    # frequency-aware full: IDs seen fewer than 8 / 64 times share 256 hashed rows per feature
+    "full_mc8_b256": TableConfig(kind="full", options={"min_count": 8, "oov_buckets": 256}),
+    "full_mc64_b256": TableConfig(kind="full", options={"min_count": 64, "oov_buckets": 256}),
 }
 """Each variant's table block (its ``embedding_dim`` and ``learning_rate`` come from the config's first)."""
 
