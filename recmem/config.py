@@ -571,7 +571,7 @@ def _broken_rules(cfg: Config) -> Iterator[str]:
         yield f"data.raw.delimiter: {cfg.data.raw.delimiter!r} must be one character"
 
 
-SINGLE_WORKER_KINDS = ("qr",)
+SINGLE_WORKER_KINDS = ("qr", "multihash")
 """Table kinds that split over no Ray workers yet (their rows are shared between IDs, so neither the
 row split nor the ID split of ``recmem/tables/sharded.py`` applies): refused for ray.num_workers > 1."""
 

@@ -1,6 +1,6 @@
 """The memory-efficient kinds (issue 11) in the trainer: they learn under DLRM and DCNv2, a run
 stopped and resumed ends where a straight run ends, and they train on one Ray worker. (Their math:
-``test_qr.py``, ``test_full_buckets.py``; the table contract and export parity: ``test_tables_contract.py``,
+``test_qr.py``, ``test_full_buckets.py``, ``test_multihash.py``; the table contract and export parity: ``test_tables_contract.py``,
 ``test_serving_bundle.py``.)"""
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ from tests.conftest import tiny_config
 
 KINDS = {
     "full_buckets": ["model.tables.0.options={min_count: 10, oov_buckets: 8}"],
+    "multihash": ["model.tables.0.kind=multihash", "model.tables.0.num_embeddings=24",
+                  "model.tables.0.options={num_hashes: 2}"],
+    "multihash_concat": ["model.embedding_dim=8", "model.tables.0.kind=multihash", "model.tables.0.embedding_dim=4",
+                         "model.tables.0.options={num_hashes: 2, combine: concat, compression: 2}"],
     "qr": ["model.tables.0.kind=qr", "model.tables.0.options={collisions: 4, threshold: 30}"],
     "qr_concat": ["model.embedding_dim=8", "model.tables.0.kind=qr", "model.tables.0.embedding_dim=4",
                   "model.tables.0.options={collisions: 4, threshold: 0, operation: concat}"],
@@ -48,7 +52,8 @@ def test_one_ray_worker_trains_each_kind(tiny_root, ray_cluster, tmp_path):
     from recmem.train.distributed import train_ray
 
     blocks = ("model.tables=[{kind: qr, embedding_dim: 8, feature_names: [C1, C2], "
-              "options: {collisions: 4, threshold: 30}}, {kind: full, embedding_dim: 8, "
+              "options: {collisions: 4, threshold: 30}}, {kind: multihash, embedding_dim: 8, feature_names: [C3], "
+              "num_embeddings: 16, options: {num_hashes: 2}}, {kind: full, embedding_dim: 8, "
               "options: {min_count: 10, oov_buckets: 8}}]")
     cfg = tiny_config(tiny_root, tmp_path, blocks, "ray.num_workers=1", "ray.cpus_per_worker=0.5",
                       "train.max_steps=8", "tracking.enabled=false")

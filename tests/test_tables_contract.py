@@ -29,11 +29,12 @@ KIND_CONFIGS = {
     "collisionless": TableConfig(kind="collisionless", embedding_dim=8, options={"capacity": 1000, "initial_rows": 16}),
     # threshold 30: the tiny data's features of ~50 IDs are composed, smaller ones stay full
     "qr": TableConfig(kind="qr", embedding_dim=8, options={"collisions": 4, "threshold": 30, "oov_buckets": 3}),
+    "multihash": TableConfig(kind="multihash", embedding_dim=8, num_embeddings=24, options={"num_hashes": 3}),
 }
 
-SHARED_ROWS = {"hash", "qr", "full_buckets"}
+SHARED_ROWS = {"hash", "qr", "full_buckets", "multihash"}
 """Variants whose IDs share stored rows by design (hash collisions, quotient and remainder rows,
-hashed OOV buckets)."""
+hashed OOV buckets, multi-hash rows)."""
 
 
 def test_every_kind_is_covered():

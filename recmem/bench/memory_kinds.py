@@ -32,6 +32,10 @@ VARIANTS: dict[str, TableConfig] = {
     # frequency-aware full: IDs seen fewer than 8 / 64 times share 256 hashed rows per feature
     "full_mc8_b256": TableConfig(kind="full", options={"min_count": 8, "oov_buckets": 256}),
     "full_mc64_b256": TableConfig(kind="full", options={"min_count": 64, "oov_buckets": 256}),
+    # multihash: 2 hashed rows per ID (summed, k indices per ID in the fused kernel) in distinct IDs / c rows
+    "multihash_k2_c4": TableConfig(kind="multihash", options={"num_hashes": 2, "compression": 4}),
+    "multihash_k2_c16": TableConfig(kind="multihash", options={"num_hashes": 2, "compression": 16}),
+    "multihash_k2_c64": TableConfig(kind="multihash", options={"num_hashes": 2, "compression": 64}),
 }
 """Each variant's table block (its ``embedding_dim`` and ``learning_rate`` come from the config's first)."""
 

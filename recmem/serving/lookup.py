@@ -1,13 +1,15 @@
 """The serving form of a table: one feature's rows behind a pure-torch lookup (no torchrec, fbgemm, numba).
 
-Every table kind hands the exporter, per feature, one of two lookups (its ``to_serving`` method):
+Every table kind hands the exporter, per feature, one of these lookups (its ``to_serving`` method):
 
 - :class:`KeyedLookup`: sorted raw IDs, a row each, and a default row for any other ID. ``full``
   uses it with its out-of-vocabulary row as the default; ``collisionless`` with a zero row (an ID
   without a row pools to nothing in training, which a zero row reproduces exactly).
 - :class:`ModuloLookup`: ``id mod n`` picks the row (``hash``): every ID has a row, none is unseen.
 - :class:`ComposedLookup`: vocabulary position or hashed OOV row r, then row r or the
-  quotient-remainder composition of two rows (``qr``).
+  quotient-remainder composition of two rows (``qr``, ``full`` with several OOV buckets).
+- ``MultiHashLookup`` (``recmem/serving/hashed.py``): k hashed rows of one shared table, summed or
+  concatenated (``multihash``).
 
 Either may carry a ``projection`` [D, d]: a table that stores rows of width d and maps them to the
 model's width D by a learned linear map (no bias) answers ``pooled @ projection.T``; pooling is a
@@ -343,9 +345,9 @@ class ProjectedLookup:
         return self.inner.nbytes() + self.projection.numel() * 4
 
 
-Lookup = KeyedLookup | ModuloLookup | ComposedLookup | ProjectedLookup
+Lookup = KeyedLookup | ModuloLookup | ComposedLookup | ProjectedLookup  # or a hashed.MultiHashLookup
 
-LOOKUPS = ("keyed", "modulo", "composed")
+LOOKUPS = ("keyed", "modulo", "composed", "multihash")
 """Every lookup kind a serving form may name."""
 
 
@@ -371,6 +373,10 @@ def _plain_lookup(kind: str, tensors: dict[str, torch.Tensor]) -> "KeyedLookup |
     rows = _rows_from(tensors)
     if kind == "composed":
         return _composed_lookup(tensors, rows)
+    if kind == "multihash":
+        from recmem.serving.hashed import multihash_lookup
+
+        return multihash_lookup(_array(tensors, "params", torch.int64, 1), rows)
     if kind == "modulo":
         if len(rows) < 1:
             raise ValueError("a modulo table needs at least one row")

@@ -17,6 +17,7 @@ from recmem.tables.base import HasAuxiliaryLoss, HasDenseParameters, ServingForm
 from recmem.tables.collisionless import CollisionlessTable
 from recmem.tables.full import FullTable
 from recmem.tables.hash import HashTable
+from recmem.tables.multihash import MultiHashTable
 from recmem.tables.qr import QRTable
 
 TABLE_KINDS = {
@@ -24,6 +25,7 @@ TABLE_KINDS = {
     "hash": HashTable,
     "collisionless": CollisionlessTable,
     "qr": QRTable,
+    "multihash": MultiHashTable,
 }
 
 
