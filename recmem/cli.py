@@ -262,6 +262,8 @@ def _serve_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     c.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     c.add_argument("--poll-s", type=float, default=30.0, help="seconds between alias polls (default 30)")
+    c.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads per request (default 1: requests are small and run side by side)")
     for field, text in (("max_body_bytes", "largest /predict body"), ("max_rows", "most rows per /predict"),
                         ("max_bag", "most IDs in one multi-hot bag"), ("max_delta_bytes", "largest /delta body")):
         default = getattr(Limits(), field)
@@ -276,9 +278,12 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     limits = Limits(args.max_body_bytes, args.max_rows, args.max_bag, args.max_delta_bytes)
     if min(limits.max_body_bytes, limits.max_rows, limits.max_bag, limits.max_delta_bytes) < 1 or args.poll_s <= 0:
         raise ValueError("--max-* limits and --poll-s must be positive")
+    if args.torch_threads < 1:
+        raise ValueError("--torch-threads must be at least 1")
     tracking = cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir)
     return serve(ServeOptions(args.bundle, args.model, args.alias, args.name, args.host, args.port, args.poll_s,
-                              Path(cfg.workdir) / "serving" / (args.model or "bundle"), tracking, limits))
+                              Path(cfg.workdir) / "serving" / (args.model or "bundle"), tracking, limits,
+                              args.torch_threads))
 
 
 def _print_result(metrics: dict[str, float], samples_per_second: float, run: str, resumed: bool) -> None:

@@ -27,6 +27,9 @@ class ServeOptions:
         dest: where fetched versions go.
         tracking_uri: the MLflow tracking / registry URI.
         limits: request bounds.
+        torch_threads: torch intra-op threads. 1 by default: each connection has its own thread, and
+            a multi-threaded torch call made from such a thread cost 3 ms more per 1-row request and
+            12 ms more per 256-row one than a single-threaded call (BENCHMARKS.md, "Serving latency").
     """
 
     bundle: str | None
@@ -39,10 +42,14 @@ class ServeOptions:
     dest: Path
     tracking_uri: str | None
     limits: Limits
+    torch_threads: int = 1
 
 
 def serve(opts: ServeOptions) -> int:
     """Serve until interrupted (Ctrl-C, SIGTERM); returns the exit status."""
+    import torch
+
+    torch.set_num_threads(opts.torch_threads)
     watcher = None
     if opts.model:
         from recmem.registry import alias_version, fetch  # MLflow only when a registry is used
