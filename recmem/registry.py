@@ -303,14 +303,16 @@ def register_bundle(folder: str | Path, name: str, tracking_uri: str | None = No
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                                   f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}",
                                   f"recmem=={recmem.__version__}"])
-    with _found(client, name):
-        try:
-            client.create_registered_model(name, description="recmem serving bundles (recmem/registry.py)")
-        except mlflow.exceptions.MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = client.create_model_version(name, source=f"models:/{info.model_id}", run_id=run_id,
-                                              tags=tags, model_id=info.model_id)
+            # Still under _in_run's tracking URI: MLflow resolves the models:/ source through the
+            # process's URI, which may name another store (e.g. MLFLOW_TRACKING_URI of a Ray driver).
+            with _found(client, name):
+                try:
+                    client.create_registered_model(name, description="recmem serving bundles (recmem/registry.py)")
+                except mlflow.exceptions.MlflowException as e:
+                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                version = client.create_model_version(name, source=f"models:/{info.model_id}", run_id=run_id,
+                                                      tags=tags, model_id=info.model_id)
     return str(version.version)
 
 

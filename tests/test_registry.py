@@ -192,3 +192,17 @@ def test_a_ray_run_registers_its_final_checkpoint(ray_cluster, tiny_root, tmp_pa
     _, folder = registry.fetch("ray-ctr", "champion", tmp_path / "models", uri)
     manifest = load_bundle(folder).manifest
     assert manifest["step"] == 6 and manifest["export_check"]["max_abs_logit_diff"] <= 1e-5
+
+
+def test_registering_ignores_another_store_in_the_environment(trained, tmp_path, monkeypatch):
+    """A process whose MLFLOW_TRACKING_URI names another store (as a Ray driver's does after
+    train_ray) still registers into the store it is given."""
+    _, workdir, uri, _ = trained
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/elsewhere.db")
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)  # no URI set in code: the environment's counts
+    folder = next(Path(workdir / "exports").iterdir())
+    version = registry.register_bundle(folder, "elsewhere-proof", tracking_uri=uri)
+    assert version == "1"
+    assert registry.registry_client(uri).get_model_version("elsewhere-proof", version).source.startswith("models:/")
