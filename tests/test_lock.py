@@ -1,13 +1,13 @@
 """The one-writer lock: a second holder is refused with the first's name; a dead holder's lock is free."""
 
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from recmem.lock import LOCK_NAME, LockedError, exclusive
+from tests.holders import held_by_another_process
 
 
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
@@ -22,15 +22,9 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom recmem.lock import exclusive\n"
-         f"with exclusive({str(tmp_path)!r}, 'prepare'):\n    print('held', flush=True)\n    time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(LockedError, match=rf"prepare \(pid {holder.pid} "):
-        with exclusive(tmp_path, "prepare"):
-            pass
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    with held_by_another_process(tmp_path, "prepare") as pid:  # SIGKILLed at the end of the block
+        with pytest.raises(LockedError, match=rf"prepare \(pid {pid} "):
+            with exclusive(tmp_path, "prepare"):
+                pass
     with exclusive(tmp_path, "prepare") as path:  # the file is still there; the lock is not
         assert path.name == LOCK_NAME

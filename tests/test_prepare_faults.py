@@ -11,8 +11,6 @@ import bz2
 import gzip
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from recmem.cli import main
 from recmem.config import RawConfig, SchemaConfig
 from recmem.data.convert import BadLine, ConversionError, convert_raw
 from recmem.lock import LOCK_NAME
+from tests.holders import held_by_another_process
 
 TINY = Path(__file__).parent / "fixtures" / "criteo_tiny.tsv"
 SCHEMA = SchemaConfig(event_time=None, true_prob=None)
@@ -172,21 +171,13 @@ def test_a_second_prepare_on_a_held_root_is_refused_at_once(tmp_path, capsys):
     root = tmp_path / "root"
     assert _prepare(root, _write(tmp_path / "raw.tsv", _lines()), capsys)[0] == 0
     before = _snapshot(root)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom recmem.lock import exclusive\n"
-         f"with exclusive({str(root)!r}, 'prepare'):\n    print('held', flush=True)\n    time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(root, "prepare") as pid:
         started = time.monotonic()
         rc, err = _prepare(root, tmp_path / "raw.tsv", capsys)
         assert time.monotonic() - started < 5
-        assert rc == 2 and err.count("\n") == 1 and f"prepare (pid {holder.pid} on host" in err
+        assert rc == 2 and err.count("\n") == 1 and f"prepare (pid {pid} on host" in err
         assert main(["generate", f"data.root={root}"]) == 2
-        assert f"pid {holder.pid}" in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
+        assert f"pid {pid}" in capsys.readouterr().err
     assert _snapshot(root) == before
 
 

@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from recmem.train.distributed.store import RayCheckpoints, write_shard
 from recmem.train.local import train_local
 from recmem.train.loop import TrainingDiverged
 from recmem.train.resume import ResumeError
+from tests.holders import held_by_another_process
 from tests.conftest import small_schema, tiny_config, tiny_overrides, write_learnable_root
 
 
@@ -212,18 +211,10 @@ def test_resume_over_changed_data_is_refused_unless_asked(root, tmp_path, capsys
 
 def test_a_second_trainer_on_the_same_checkpoints_is_refused(root, tmp_path):
     folder = tmp_path / "runs" / "checkpoints"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom recmem.lock import exclusive\n"
-         f"with exclusive({str(folder)!r}, 'training'):\n    print('held', flush=True)\n    time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockedError, match=rf"in use by training \(pid {holder.pid} on host "):
+    with held_by_another_process(folder, "training") as pid:
+        with pytest.raises(LockedError, match=rf"in use by training \(pid {pid} on host "):
             train_local(tiny_config(root, tmp_path, "train.max_steps=2"))
         assert list_checkpoints(folder) == []
-    finally:
-        holder.kill()
-        holder.wait()
     assert train_local(tiny_config(root, tmp_path, "train.max_steps=2")).step == 2  # a dead holder's lock is free
 
 
@@ -259,15 +250,7 @@ def test_ray_path_refuses_without_retrying(root, tmp_path, ray_cluster):
         train_ray(tiny_config(root, tmp_path / "ok", *base, "model.tables.0.embedding_dim=16", "model.bottom_mlp=[32,16]"))
     assert time.monotonic() - started < 5, "refused by the driver, before Ray's workers"
     run = tmp_path / "ok" / "runs" / "checkpoints" / "ray" / "recmem"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom recmem.lock import exclusive\n"
-         f"with exclusive({str(run)!r}, 'training'):\n    print('held', flush=True)\n    time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+    with held_by_another_process(run, "training") as pid:
+        with pytest.raises(LockedError, match=f"pid {pid}"):
             train_ray(tiny_config(root, tmp_path / "ok", *base, "train.max_steps=4"))
-    finally:
-        holder.kill()
-        holder.wait()
 
