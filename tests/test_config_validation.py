@@ -53,29 +53,30 @@ def test_out_of_range_names_key_value_and_range(override, key, allowed):
     _fails([override], key, f"(allowed: {allowed})")
 
 
-def _ranged_fields(cls: type, prefix: str = ""):
-    """(dotted key, field type, Range) of every field under ``cls`` that declares a range."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key, kind = prefix + f.name, hints[f.name]
-        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
-        if dataclasses.is_dataclass(kind):
-            yield from _ranged_fields(kind, key + ".")
-        elif item is not None and dataclasses.is_dataclass(item):
-            yield from _ranged_fields(item, key + ".0.")
-        elif f.metadata.get("allowed") is not None:
-            yield key, kind, f.metadata["allowed"]
-
-
-def _numeric_fields(cls: type, prefix: str = ""):
-    """Dotted keys of every int or float field (or list of them) under ``cls``."""
+def _fields(cls: type, prefix: str = ""):
+    """(dotted key, field type, item type, field) of every field under ``cls`` that is not a config
+    section; a list's item type is its element's, a list of sections is walked at index 0."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key, kind = prefix + f.name, hints[f.name]
         item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind
         if dataclasses.is_dataclass(item):
-            yield from _numeric_fields(item, key + (".0." if item is not kind else "."))
-        elif item in (int, float):
+            yield from _fields(item, key + (".0." if item is not kind else "."))
+        else:
+            yield key, kind, item, f
+
+
+def _ranged_fields(cls: type):
+    """(dotted key, field type, Range) of every field under ``cls`` that declares a range."""
+    for key, kind, _, f in _fields(cls):
+        if f.metadata.get("allowed") is not None:
+            yield key, kind, f.metadata["allowed"]
+
+
+def _numeric_fields(cls: type):
+    """Dotted keys of every int or float field (or list of them) under ``cls``."""
+    for key, _, item, _ in _fields(cls):
+        if item in (int, float):
             yield key
 
 

@@ -14,6 +14,7 @@ import torch
 
 from recmem.data.batch import Batch
 from recmem.models import CTRModel
+from recmem.tables.base import tensor_bytes
 
 
 class TrainingDiverged(ValueError):
@@ -23,7 +24,8 @@ class TrainingDiverged(ValueError):
 def state_bytes(model: CTRModel, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors a checkpoint of ``model`` and ``optimizer`` holds (this rank's part)."""
     dense = sum(p.numel() * p.element_size() for p in model.dense.parameters())
-    return _tensor_bytes(model.state_dict()) + dense * (2 if isinstance(optimizer, torch.optim.Adam) else 1)
+    saved = tensor_bytes(*(t for _, t in _tensors(model.state_dict())))  # storages, once each, as torch.save writes them
+    return saved + dense * (2 if isinstance(optimizer, torch.optim.Adam) else 1)
 
 
 def nonfinite_tensors(state: dict) -> list[str]:
@@ -48,10 +50,6 @@ def _tensors(data, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     elif isinstance(data, (list, tuple)):
         for i, value in enumerate(data):
             yield from _tensors(value, f"{prefix}.{i}")
-
-
-def _tensor_bytes(state: dict) -> int:
-    return sum(t.numel() * t.element_size() for _, t in _tensors(state))
 
 
 def any_rank(problem: str | None) -> str | None:

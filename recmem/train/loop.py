@@ -42,7 +42,6 @@ class TrainResult:
     """The checkpoint the run continued from (None: it started afresh)."""
 
 
-
 def make_dense_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The optimizer of the dense layers (tables carry their own, fused into backward)."""
     lr = cfg.train.learning_rate
