@@ -224,7 +224,10 @@ class TrainConfig:
 
     ``register_as``: after a successful run, export the final checkpoint as an fp32 serving bundle
     and register it as a new version of this MLflow registered model (``recmem/registry.py``); empty:
-    no registration. A failed registration keeps the checkpoint and says what failed in one line."""
+    no registration. A failed registration keeps the checkpoint and says what failed in one line.
+
+    ``prefetch_batches``: how many batches ahead of the step the loop hands to tables that prefetch
+    their rows (``ssd``), see ``recmem/train/lookahead.py``; 0 fetches each batch's rows as it comes."""
 
     epochs: int = checked(1, POSITIVE)
     max_steps: int = checked(0, NON_NEGATIVE)
@@ -240,6 +243,7 @@ class TrainConfig:
     nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_batches: int = checked(10, NON_NEGATIVE)
     evict_every: int = checked(0, NON_NEGATIVE)
+    prefetch_batches: int = checked(2, Range(0, 64))
     device: Literal["cpu", "cuda"] = "cpu"
     progress: bool = True
     register_as: str = ""

@@ -13,7 +13,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
-from recmem.tables.base import HasAuxiliaryLoss, HasDenseParameters, ServingForm
+from recmem.tables.base import HasAuxiliaryLoss, HasDenseParameters, Prefetchable, ServingForm
 from recmem.tables.collisionless import CollisionlessTable
 from recmem.tables.full import FullTable
 from recmem.tables.hash import HashTable
@@ -71,6 +71,21 @@ class TableCollection(torch.nn.Module):
         None when no table adds one."""
         terms = [t.auxiliary_loss() for t in self.tables if isinstance(t, HasAuxiliaryLoss)]
         return torch.stack(terms).sum() if terms else None
+
+    def prefetching(self) -> bool:
+        """Whether any table prefetches (``base.Prefetchable``)."""
+        return any(isinstance(t, Prefetchable) for t in self.tables)
+
+    def prefetch(self, features: KeyedJaggedTensor) -> list[tuple[int, object]]:
+        """Hand each prefetching table its features of an upcoming batch; returns the tickets to
+        :meth:`release` once the step that trains the batch is over."""
+        return [(i, t.prefetch(_select(features, t.feature_names)))
+                for i, t in enumerate(self.tables) if isinstance(t, Prefetchable)]
+
+    def release(self, tickets: list[tuple[int, object]]) -> None:
+        """Unpin the rows of the batch :meth:`prefetch` gave ``tickets`` for."""
+        for i, ticket in tickets:
+            self.tables[i].release(ticket)
 
     def memory_bytes(self) -> int:
         """Bytes in RAM over all tables."""

@@ -125,12 +125,18 @@ class Evictable(Protocol):
 
 @runtime_checkable
 class Prefetchable(Protocol):
-    """A table that can fetch the rows of upcoming batches ahead of time.
+    """A table that can fetch the rows of upcoming batches ahead of time and pin them.
 
-    No kind implements it yet and the training loop does not call it: it is the capability the
-    planned SSD-backed kind will add.
+    The training loop (``recmem/train/lookahead.py``) calls ``prefetch`` with each batch some steps
+    before training it and ``release`` once the step that used it is over; between the two calls
+    the batch's rows stay in RAM (pinned). Prefetching is not training: it counts no sightings and
+    updates no row. ``forward`` still works on a batch nobody prefetched (it fetches on demand).
     """
 
-    def prefetch(self, features: KeyedJaggedTensor) -> None:
-        """Start bringing the rows ``features`` will need into RAM."""
+    def prefetch(self, features: KeyedJaggedTensor) -> object:
+        """Start bringing the rows ``features`` will need into RAM and pin them; returns a ticket."""
+        ...
+
+    def release(self, ticket: object) -> None:
+        """Unpin the rows of the batch ``ticket`` was given for."""
         ...

@@ -20,6 +20,7 @@ from recmem.tables.base import Evictable
 from recmem.train.checkpoint import CheckpointStore, LocalCheckpoints
 from recmem.train.device import dense_device, dense_precision, precision_note
 from recmem.train.guards import TrainingDiverged, any_rank, nonfinite_tensors, state_bytes, why_nonfinite, world_size
+from recmem.train.lookahead import lookahead
 from recmem.train.metrics import MetricAccumulator
 from recmem.train.resume import resume_key
 from recmem.tracking.logger import RunLogger
@@ -185,7 +186,7 @@ def _train(
     done = bool(t.max_steps and step >= t.max_steps)  # a resumed run may have reached it already
     while epoch < t.epochs and not done:
         fetch = time.perf_counter()
-        for batch in source("train", epoch, position):
+        for batch in lookahead(source("train", epoch, position), model.tables, t.prefetch_batches):
             tick = time.perf_counter()
             data_seconds += tick - fetch
             now = batch.max_event_time()
