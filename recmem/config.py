@@ -300,6 +300,31 @@ class RayConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """``recmem online`` (``recmem/online/``): train on windows of a stream as they land.
+
+    Producers land Parquet files in ``landing`` (a folder or a pyarrow filesystem URI), each written
+    under a name starting with ``.`` and renamed when complete. Each window (a file, or
+    ``window_rows`` rows of one; 0: a whole file) is scored, then trained on; checkpoints (in
+    ``checkpoint_dir`` under the workdir) hold the model with the rows consumed. With nothing new the
+    loop polls every ``poll_interval_s``; it exits after ``idle_exit_s`` idle seconds (0: never) or
+    ``max_windows`` windows (0: no limit). ``endpoints`` are model servers (``http://host:port``) that
+    get a row delta at most every ``sync_interval_s`` seconds (0: after every window), with the dense
+    weights in every ``dense_every``-th delta (the first always has them).
+    """
+
+    landing: str = "runs/landing"
+    window_rows: int = checked(0, NON_NEGATIVE)
+    checkpoint_dir: str = "runs/online"
+    poll_interval_s: float = checked(0.5, POSITIVE)
+    idle_exit_s: float = checked(0.0, NON_NEGATIVE)
+    max_windows: int = checked(0, NON_NEGATIVE)
+    endpoints: list[str] = field(default_factory=list)
+    sync_interval_s: float = checked(1.0, NON_NEGATIVE)
+    dense_every: int = checked(10, POSITIVE)
+
+
+@dataclass
 class Config:
     """The whole job."""
 
@@ -310,6 +335,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
 
 def from_dict(cls: Any, data: Any, path: str = "") -> Any:
@@ -557,8 +583,8 @@ def _broken_rules(cfg: Config) -> Iterator[str]:
     for i, table in enumerate(m.tables):
         if workers > 1 and table.kind in SINGLE_WORKER_KINDS:
             yield (f"model.tables.{i}.kind: {table.kind!r} tables train on one worker only, not on "
-                   f"ray.num_workers={workers} (their rows are shared between IDs, so they cannot be split "
-                   "by row or by ID); set ray.num_workers=1 or ray.enabled=false")
+                   f"ray.num_workers={workers} (their training forward draws random numbers that replicas on other "
+                   "workers could not reproduce); set ray.num_workers=1 or ray.enabled=false")
     roles = [("label", schema.label), *(("dense", c) for c in schema.dense), *(("sparse", c) for c in schema.sparse),
              ("event_time", schema.event_time), ("true_prob", schema.true_prob)]
     first_role: dict[str, str] = {}
@@ -575,9 +601,11 @@ def _broken_rules(cfg: Config) -> Iterator[str]:
         yield f"data.raw.delimiter: {cfg.data.raw.delimiter!r} must be one character"
 
 
-SINGLE_WORKER_KINDS = ("qr", "multihash")
-"""Table kinds that split over no Ray workers yet (their rows are shared between IDs, so neither the
-row split nor the ID split of ``recmem/tables/sharded.py`` applies): refused for ray.num_workers > 1."""
+SINGLE_WORKER_KINDS = ("optembed",)
+"""Table kinds that train on one worker only: refused for ray.num_workers > 1. Kinds that can be split
+neither by row nor by ID (``qr``, ``multihash``, ``mixed_dim``) are replicated on every worker instead
+(``recmem/tables/replicated.py``), which needs a training forward that the global step can recompute
+exactly; ``optembed``'s draws random widths in it."""
 
 
 def model_embedding_dim(m: ModelConfig) -> int:

@@ -120,6 +120,5 @@ def test_config_errors_name_the_key(tiny_root, tmp_path):
                                   options={"combine": "concat"})], sparse, tiny_root, output_dim=8)
     with pytest.raises(ConfigError, match="model.tables.0.options.num_hashes: 0 is out of range"):
         build_tables([TableConfig(kind="multihash", num_embeddings=9, options={"num_hashes": 0})], sparse, tiny_root)
-    with pytest.raises(ConfigError, match="model.tables.0.kind: 'multihash' tables train on one worker only"):
-        tiny_config(tiny_root, tmp_path, "model.tables.0.kind=multihash", "model.tables.0.num_embeddings=9",
-                    "ray.num_workers=2")
+    tiny_config(tiny_root, tmp_path, "model.tables.0.kind=multihash", "model.tables.0.num_embeddings=9",
+                "ray.num_workers=2")  # replicated on each worker

@@ -95,10 +95,7 @@ def test_config_errors_name_the_key(tiny_root, tmp_path):
     assert concat.embedding_dim == 8
     with pytest.raises(ConfigError, match="model.tables.0.options.collisions: 0 is out of range"):
         build_tables([TableConfig(kind="qr", options={"collisions": 0})], sparse, tiny_root)
-    with pytest.raises(ConfigError, match=r"model.tables.0.kind: 'qr' tables train on one worker only, not on "
-                                          r"ray.num_workers=2"):
-        tiny_config(tiny_root, tmp_path, "model.tables.0.kind=qr", "ray.num_workers=2")
-    tiny_config(tiny_root, tmp_path, "model.tables.0.kind=qr", "ray.num_workers=2", "ray.enabled=false")
+    tiny_config(tiny_root, tmp_path, "model.tables.0.kind=qr", "ray.num_workers=2")  # replicated on each worker
 
 
 @pytest.mark.parametrize("op", ["mult", "concat"])

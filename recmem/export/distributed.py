@@ -185,15 +185,18 @@ def export_worker(payload: dict[str, Any]) -> None:
 
 
 def rank_pieces(model: Any, rank: int, world_size: int) -> dict[str, tuple[str, Any]]:
-    """This rank's pieces of every feature's table: ``("form", ServingForm)`` (a whole table, or an
-    ID shard's IDs) or ``("rows", [(global rows [k], first column, block [k, d]), ...])``."""
+    """This rank's pieces of every feature's table: ``("form", ServingForm)`` (a whole table, rank 0's
+    replica, or an ID shard's IDs) or ``("rows", [(global rows [k], first column, block [k, d]), ...])``."""
     import torch
 
+    from recmem.tables.replicated import ReplicatedTable
     from recmem.tables.sharded import RowShard, ShardedTable
     from recmem.train.distributed.dmp import DmpTables
 
     out: dict[str, tuple[str, Any]] = {}
     for table in model.tables.tables:
+        if isinstance(table, ReplicatedTable) and rank > 0:
+            continue  # every replica holds the same table: rank 0's is the one
         if isinstance(table, DmpTables):
             for f, parts in table._local_parts().items():
                 out[f] = ("rows", [(torch.arange(r0, r0 + p.shape[0]), c0, p.detach().clone()) for r0, c0, p in parts])

@@ -11,7 +11,10 @@ averaged by all-reduce). Each ``model.tables`` block is split over the workers b
 - ``id``: every block ID-sharded (``recmem/tables/sharded.py``): each worker keeps the rows of the
   keys it owns and looks the rest up by all-to-all; works for every kind that can be split.
 
-No table is replicated whole on every worker. One worker needs no split and trains the plain model.
+Kinds that can be split neither by row nor by ID (``qr``, ``multihash``, ``mixed_dim``: rows shared
+between IDs, small by design) are replicated whatever ``ray.sharding`` says, every replica trained on
+the global batch (``recmem/tables/replicated.py``). One worker needs no split and trains the plain
+model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from recmem.config import Config, TableConfig, model_embedding_dim
 from recmem.models import CTRModel, build_dense, build_model
 from recmem.tables import TableCollection, build_tables
-from recmem.tables.sharded import RowKeyedKind, kind_shard, sharded_table
+from recmem.tables.replicated import ReplicatedTable
+from recmem.tables.sharded import RowKeyedKind, ShardableKind, kind_shard, sharded_table
 from recmem.train.device import dense_precision
 from recmem.train.distributed.dmp import DmpTables
 
@@ -49,12 +53,15 @@ def build_worker_model(cfg: Config, world_size: int, device: torch.device = torc
     # on the default group, and it stays on host tensors when the default group is NCCL.
     group = dist.new_group(backend="gloo")
     rank = dist.get_rank(group)
+    width = model_embedding_dim(m)
 
     def make(kind: type, block: TableConfig, names: list[str], seed: int, root: Path, where: str):
         if cfg.ray.sharding != "id" and isinstance(kind, RowKeyedKind):
             keys = kind.row_keys_from_config(block, names, seed, root, where)
             return DmpTables(names, keys.router, keys.rows, block.embedding_dim, block.learning_rate, seed,
                              group, cfg.ray.sharding)
+        if not isinstance(kind, (RowKeyedKind, ShardableKind)):
+            return ReplicatedTable(kind.from_config(block, names, seed, root, where, output_dim=width), group)
         return sharded_table(names, block.embedding_dim,
                              kind_shard(kind, block, names, seed, root, where, rank, world_size), group)
 
@@ -62,8 +69,7 @@ def build_worker_model(cfg: Config, world_size: int, device: torch.device = torc
     # DMP initialises its shards from it, which would shift the dense layers' initial values.
     torch.manual_seed(cfg.seed)
     dense = build_dense(m, schema).to(device)
-    tables = build_tables(m.tables, schema.sparse, Path(cfg.data.root), cfg.seed, make=make,
-                          output_dim=model_embedding_dim(m))
+    tables = build_tables(m.tables, schema.sparse, Path(cfg.data.root), cfg.seed, make=make, output_dim=width)
     ddp = DistributedDataParallel(dense, device_ids=[device] if device.type == "cuda" else None)
     return CTRModel(tables, ddp, bf16, device)
 
