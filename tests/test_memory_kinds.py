@@ -1,6 +1,6 @@
 """The memory-efficient kinds (issue 11) in the trainer: they learn under DLRM and DCNv2, a run
 stopped and resumed ends where a straight run ends, and they train on one Ray worker. (Their math:
-``test_qr.py``, ``test_full_buckets.py``, ``test_multihash.py``; the table contract and export parity: ``test_tables_contract.py``,
+``test_qr.py``, ``test_full_buckets.py``, ``test_multihash.py``, ``test_mixed_dim.py``; the table contract and export parity: ``test_tables_contract.py``,
 ``test_serving_bundle.py``.)"""
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ KINDS = {
                   "model.tables.0.options={num_hashes: 2}"],
     "multihash_concat": ["model.embedding_dim=8", "model.tables.0.kind=multihash", "model.tables.0.embedding_dim=4",
                          "model.tables.0.options={num_hashes: 2, combine: concat, compression: 2}"],
+    # d0 = 8: widths 4, 4, 6 (stored 8), 8; the width-4 features projected to 8
+    "mixed_dim": ["model.tables.0.kind=mixed_dim", "model.tables.0.options={alpha: 10.0, min_count: 10, oov_buckets: 5}"],
+    # d0 = 4 under a model width of 8: every feature projected
+    "mixed_dim_narrow": ["model.embedding_dim=8", "model.tables.0.kind=mixed_dim", "model.tables.0.embedding_dim=4",
+                         "model.tables.0.options={alpha: 1.0}"],
     "qr": ["model.tables.0.kind=qr", "model.tables.0.options={collisions: 4, threshold: 30}"],
     "qr_concat": ["model.embedding_dim=8", "model.tables.0.kind=qr", "model.tables.0.embedding_dim=4",
                   "model.tables.0.options={collisions: 4, threshold: 0, operation: concat}"],

@@ -34,6 +34,8 @@ KINDS = {
     "collisionless": ["model.tables.0.options={capacity: 1000, initial_rows: 16}"],
     "qr": ["model.tables.0.options={collisions: 4, threshold: 30, oov_buckets: 3}"],
     "multihash": ["model.tables.0.num_embeddings=32", "model.tables.0.options={num_hashes: 2}"],
+    # widths 4, 4, 6 (stored 8), 8 of d0 = 8 (test_tables_contract.py): the bundle carries a projection
+    "mixed_dim": ["model.tables.0.options={alpha: 10.0, min_count: 10, oov_buckets: 5}"],
 }
 
 
@@ -340,13 +342,13 @@ def test_plain_tensor_inputs_are_checked(trained):
 def test_a_delta_makes_a_new_bundle_and_leaves_the_old_one(trained):
     cfg, _, folder = trained
     bundle = load_bundle(folder)
-    s, width = cfg.data.schema, bundle.manifest["tables"][0]["width"]
+    s, width = cfg.data.schema, bundle._lookups[0].rows.width  # the stored width (a projection's input)
     lookup = bundle.manifest["tables"][0]["lookup"]
     row = {**{f: 1.0 for f in s.dense}, **{f: 77 for f in s.sparse}}
     before = bundle.predict([row])
     key = 77 % bundle.manifest["tables"][0]["rows"] if lookup == "modulo" else 77
     if lookup == "composed":  # ids are stored row numbers: the row (the quotient row under qr) ID 77 reads
-        composed = bundle._lookups[0]
+        composed = getattr(bundle._lookups[0], "inner", bundle._lookups[0])  # under any projection
         r = int(composed.row_numbers(torch.tensor([77]))[0])
         key = r if composed.op == "single" else r // composed._c
     if lookup == "multihash":  # ids are shared row numbers: the first of ID 77's rows
@@ -370,7 +372,7 @@ def test_a_delta_makes_a_new_bundle_and_leaves_the_old_one(trained):
 def test_malformed_deltas_are_refused_and_change_nothing(trained):
     cfg, _, folder = trained
     bundle = load_bundle(folder)
-    width = bundle.manifest["tables"][0]["width"]
+    width = bundle._lookups[0].rows.width  # the stored width (a projection's input)
     base = {"base_version": bundle.version, "version": "v2"}
     name, value = next(iter(bundle._dense.state_dict().items()))
     cases = [

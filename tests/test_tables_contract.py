@@ -30,9 +30,15 @@ KIND_CONFIGS = {
     # threshold 30: the tiny data's features of ~50 IDs are composed, smaller ones stay full
     "qr": TableConfig(kind="qr", embedding_dim=8, options={"collisions": 4, "threshold": 30, "oov_buckets": 3}),
     "multihash": TableConfig(kind="multihash", embedding_dim=8, num_embeddings=24, options={"num_hashes": 3}),
+    # the tiny data's features all have 51 IDs: every width is d0, no projection
+    "mixed_dim": TableConfig(kind="mixed_dim", embedding_dim=8, options={"alpha": 0.5}),
+    # min_count 10 leaves 53, 53, 51, 50 row numbers; alpha 10 spreads them to widths 4, 4, 6 (stored 8), 8:
+    # two fused kernels, the width-4 one projected to 8
+    "mixed_dim_buckets": TableConfig(kind="mixed_dim", embedding_dim=8,
+                                     options={"alpha": 10.0, "min_count": 10, "oov_buckets": 5}),
 }
 
-SHARED_ROWS = {"hash", "qr", "full_buckets", "multihash"}
+SHARED_ROWS = {"hash", "qr", "full_buckets", "multihash", "mixed_dim_buckets"}
 """Variants whose IDs share stored rows by design (hash collisions, quotient and remainder rows,
 hashed OOV buckets, multi-hash rows)."""
 

@@ -13,10 +13,11 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
-from recmem.tables.base import HasAuxiliaryLoss, HasDenseParameters, Prefetchable, ServingForm
+from recmem.tables.base import HasAuxiliaryLoss, HasDenseParameters, HasPlan, Prefetchable, ServingForm
 from recmem.tables.collisionless import CollisionlessTable
 from recmem.tables.full import FullTable
 from recmem.tables.hash import HashTable
+from recmem.tables.mixed_dim import MixedDimTable
 from recmem.tables.multihash import MultiHashTable
 from recmem.tables.qr import QRTable
 
@@ -26,6 +27,7 @@ TABLE_KINDS = {
     "collisionless": CollisionlessTable,
     "qr": QRTable,
     "multihash": MultiHashTable,
+    "mixed_dim": MixedDimTable,
 }
 
 
@@ -71,6 +73,11 @@ class TableCollection(torch.nn.Module):
         None when no table adds one."""
         terms = [t.auxiliary_loss() for t in self.tables if isinstance(t, HasAuxiliaryLoss)]
         return torch.stack(terms).sum() if terms else None
+
+    def plan(self) -> dict[str, str]:
+        """The layouts tables chose at build time (``base.HasPlan``), as ``tables.<i>.<key>`` params."""
+        return {f"tables.{i}.{k}": v for i, t in enumerate(self.tables) if isinstance(t, HasPlan)
+                for k, v in t.plan().items()}
 
     def prefetching(self) -> bool:
         """Whether any table prefetches (``base.Prefetchable``)."""

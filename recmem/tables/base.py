@@ -90,6 +90,15 @@ class HasAuxiliaryLoss(Protocol):
         ...
 
 
+@runtime_checkable
+class HasPlan(Protocol):
+    """A table whose layout is chosen at build time (per-feature widths): worth printing and logging."""
+
+    def plan(self) -> dict[str, str]:
+        """``key -> value`` of the chosen layout, logged as MLflow params ``tables.<i>.<key>``."""
+        ...
+
+
 def tensor_bytes(*tensors: torch.Tensor) -> int:
     """Bytes of the storage behind ``tensors``, each storage counted once (views share one)."""
     seen: dict[int, int] = {}
