@@ -36,6 +36,9 @@ VARIANTS: dict[str, TableConfig] = {
     "multihash_k2_c4": TableConfig(kind="multihash", options={"num_hashes": 2, "compression": 4}),
     "multihash_k2_c16": TableConfig(kind="multihash", options={"num_hashes": 2, "compression": 16}),
     "multihash_k2_c64": TableConfig(kind="multihash", options={"num_hashes": 2, "compression": 64}),
+    # mixed_dim: d0 = the block's width, d_i = d0 * (n_min / n_i) ** alpha (p2: rounded down to powers of two)
+    "mixed_dim_a03": TableConfig(kind="mixed_dim", options={"alpha": 0.3}),
+    "mixed_dim_a05p2": TableConfig(kind="mixed_dim", options={"alpha": 0.5, "power_of_two": True}),
 }
 """Each variant's table block (its ``embedding_dim`` and ``learning_rate`` come from the config's first)."""
 
