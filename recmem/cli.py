@@ -30,6 +30,8 @@ COMMANDS = {
                 "and register it as a new version of --name",
     "promote": "point a registered model's alias (--alias, default champion) at VERSION; prints old -> new",
     "models": "list a registered model's versions, aliases and tags",
+    "optembed": "OptEmbed's three phases on the configured model's optembed blocks: train the supernet, search "
+                "per-field widths, retrain the compact tables (each a nested MLflow run; a rerun resumes)",
     "serve": "serve a model over HTTP (--bundle FOLDER, or --model NAME following --alias in the MLflow "
              "Model Registry): POST /predict, POST /delta, GET /health, GET /metrics",
 }
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 "evaluate": _evaluate, "quickstart": _quickstart,
                 "export": lambda c: _export(c, args), "register": lambda c: _register(c, args),
                 "promote": lambda c: _promote(c, args), "models": lambda c: _models(c, args),
-                "serve": lambda c: _serve(c, args)}[args.command](cfg)
+                "serve": lambda c: _serve(c, args), "optembed": _optembed}[args.command](cfg)
     except (ConfigError, OSError, LockedError, TrackingUnavailable, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -136,6 +138,23 @@ def _train(cfg: Config) -> int:
     _print_result(result.metrics, result.samples_per_second, result.run, resumed is not None)
     if cfg.train.register_as:
         return _register_trained(cfg, getattr(result, "checkpoint", None))  # Ray's result names its checkpoint
+    return 0
+
+
+def _optembed(cfg: Config) -> int:
+    from recmem.tracking.logger import check_tracking
+    from recmem.train.optembed import run_optembed
+
+    check_tracking(cfg)
+    result = run_optembed(cfg)
+    print(f"supernet      valid AUC {result.supernet.metrics.get('valid/auc', float('nan')):.4f}")
+    print(f"search        widths {result.widths}, supernet AUC at them {result.search_auc:.4f}")
+    for path in result.plans:
+        print(f"plan          {path}")
+    _print_result(result.retrain.metrics, result.retrain.samples_per_second, result.run, False)
+    print(f"tables        {result.retrain.metrics.get('tables/memory_bytes', float('nan')):,.0f} bytes retrained; "
+          f"evaluate or export it with train.checkpoint_dir={cfg.train.checkpoint_dir}/retrain and each "
+          "block's options.plan set to its plan above")
     return 0
 
 

@@ -36,6 +36,10 @@ KIND_CONFIGS = {
     # two fused kernels, the width-4 one projected to 8
     "mixed_dim_buckets": TableConfig(kind="mixed_dim", embedding_dim=8,
                                      options={"alpha": 10.0, "min_count": 10, "oov_buckets": 5}),
+    # the supernet at fixed full width (sampled widths make two forwards differ; test_optembed.py checks them)
+    "optembed": TableConfig(kind="optembed", embedding_dim=8, options={"sample_widths": False, "min_count": 10}),
+    # the retrained table of a plan the fixture writes: widths 3, 8, 5, 1, every other ID kept
+    "optembed_retrained": TableConfig(kind="optembed", embedding_dim=8, options={"plan": "<written by the fixture>"}),
 }
 
 SHARED_ROWS = {"hash", "qr", "full_buckets", "multihash", "mixed_dim_buckets"}
@@ -62,10 +66,23 @@ def _known_ids(root, n=3):
     return [load_ids(root, f)[:n].tolist() for f in SCHEMA.sparse]
 
 
+def _with_plan(cfg: TableConfig, root, folder) -> TableConfig:
+    """``cfg`` with an optembed plan written to ``folder`` when it asks for one."""
+    if cfg.options.get("plan") != "<written by the fixture>":
+        return cfg
+    from recmem.data.stats import load_ids
+    from recmem.tables.optembed import Plan
+
+    keys = [torch.as_tensor(load_ids(root, f)[::2].copy()) for f in SCHEMA.sparse]
+    Plan(SCHEMA.sparse, 8, [3, 8, 5, 1], keys, [True, False, True, False]).save(folder / "plan.pt")
+    return TableConfig(kind=cfg.kind, embedding_dim=cfg.embedding_dim, options={"plan": str(folder / "plan.pt")})
+
+
 @pytest.fixture(params=sorted(KIND_CONFIGS))
-def tables(request, tiny_root):
-    tables = build_tables([KIND_CONFIGS[request.param]], SCHEMA.sparse, tiny_root, seed=1)
-    tables.variant = request.param
+def tables(request, tiny_root, tmp_path):
+    config = _with_plan(KIND_CONFIGS[request.param], tiny_root, tmp_path)
+    tables = build_tables([config], SCHEMA.sparse, tiny_root, seed=1)
+    tables.variant, tables.config = request.param, config
     return tables
 
 
@@ -100,7 +117,7 @@ def test_state_round_trip_continues_identically(tables, tiny_root):
     tables(batch).sum().backward()
     buffer = io.BytesIO()
     torch.save(tables.state_dict(), buffer)
-    clone = build_tables([KIND_CONFIGS[tables.variant]], SCHEMA.sparse, tiny_root, seed=99)
+    clone = build_tables([tables.config], SCHEMA.sparse, tiny_root, seed=99)
     buffer.seek(0)
     clone.load_state_dict(torch.load(buffer))
     torch.testing.assert_close(clone(batch), tables(batch))

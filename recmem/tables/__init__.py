@@ -19,6 +19,7 @@ from recmem.tables.full import FullTable
 from recmem.tables.hash import HashTable
 from recmem.tables.mixed_dim import MixedDimTable
 from recmem.tables.multihash import MultiHashTable
+from recmem.tables.optembed import OptEmbedTable
 from recmem.tables.qr import QRTable
 
 TABLE_KINDS = {
@@ -27,6 +28,7 @@ TABLE_KINDS = {
     "collisionless": CollisionlessTable,
     "qr": QRTable,
     "multihash": MultiHashTable,
+    "optembed": OptEmbedTable,
     "mixed_dim": MixedDimTable,
 }
 

@@ -1,0 +1,164 @@
+"""``recmem optembed``: OptEmbed's three phases in one command (``recmem/tables/optembed``).
+
+1. **supernet**: the configured model, its ``optembed`` blocks as supernets, trained by the usual
+   loop (checkpoints in ``<train.checkpoint_dir>/supernet``, resumed as ``recmem train`` resumes).
+2. **search**: the supernet's final checkpoint scores candidate widths by validation AUC (eval
+   mode: each field at the candidate's width, rows pruned by the learned thresholds) in an
+   evolutionary search (``recmem/train/evolution.py``) whose knobs are the first ``optembed``
+   block's options. Its state is saved after every generation in ``<checkpoint_dir>/search``
+   (``state.json``) and a rerun continues from there; the outcome is one plan file per block
+   (``plan-<i>.pt``: widths, kept IDs, whether the OOV row was kept).
+3. **retrain**: the model again from scratch, each ``optembed`` block now the compact table of its
+   plan (``options.plan``), trained by the loop (checkpoints in ``<checkpoint_dir>/retrain``).
+
+Each phase is an MLflow run nested under one parent run (its id kept in
+``<checkpoint_dir>/optembed.json``, so a rerun continues the same runs). The phases run in this
+process on one worker (``ray.*`` is not used).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from recmem.config import Config, ConfigError
+from recmem.tables.optembed import SupernetTable, optembed_options
+from recmem.train.checkpoint import load_latest
+from recmem.train.evolution import SearchSettings, SearchState, evolve
+from recmem.train.local import local_source, train_local
+from recmem.train.loop import TrainResult, build_job_model, evaluate
+
+
+@dataclass
+class OptEmbedResult:
+    """What the three phases produced."""
+
+    supernet: TrainResult
+    widths: list[list[int]]
+    """The found widths, per ``optembed`` block."""
+    search_auc: float
+    plans: list[Path]
+    retrain: TrainResult
+    run: str
+
+
+def optembed_blocks(cfg: Config) -> list[int]:
+    """Indexes of the config's ``optembed`` blocks.
+
+    Raises:
+        ConfigError: none, or one that already names a plan (the command writes the plans).
+    """
+    blocks = [i for i, t in enumerate(cfg.model.tables) if t.kind == "optembed"]
+    if not blocks:
+        raise ConfigError("model.tables: no block of kind 'optembed' to search")
+    for i in blocks:
+        if optembed_options(cfg.model.tables[i], f"model.tables.{i}").plan:
+            raise ConfigError(f"model.tables.{i}.options.plan: `recmem optembed` writes the plans; leave it empty")
+    return blocks
+
+
+def phase_config(cfg: Config, phase: str, plans: dict[int, Path] | None = None) -> Config:
+    """``cfg`` for one phase: its own checkpoint folder and MLflow run name, and for the retrain
+    each ``optembed`` block's ``options.plan``."""
+    out = copy.deepcopy(cfg)
+    out.train.checkpoint_dir = f"{cfg.train.checkpoint_dir}/{phase}"
+    out.tracking.run_name = f"{cfg.tracking.run_name or 'optembed'}/{phase}"
+    for i, path in (plans or {}).items():
+        out.model.tables[i].options = {**out.model.tables[i].options, "plan": str(path.resolve())}
+    return out
+
+
+def run_optembed(cfg: Config) -> OptEmbedResult:
+    """Supernet, search, retrain (see the module docstring); each phase resumes where a previous
+    run of the same command stopped."""
+    from recmem.tracking.logger import RunLogger, runs_marked_failed
+
+    blocks = optembed_blocks(cfg)
+    base = Path(cfg.workdir) / cfg.train.checkpoint_dir
+    base.mkdir(parents=True, exist_ok=True)
+    record = base / "optembed.json"
+    parent_id = json.loads(record.read_text()).get("run_id") if record.is_file() else None
+    named = copy.deepcopy(cfg)
+    named.tracking.run_name = cfg.tracking.run_name or "optembed"
+    with runs_marked_failed():
+        parent = RunLogger(named, run_id=parent_id)
+        record.write_text(json.dumps({"run_id": parent.run_id}))
+        supernet_cfg = phase_config(cfg, "supernet")
+        supernet = train_local(supernet_cfg)
+        state, plans, widths = search_phase(cfg, supernet_cfg, blocks, base / "search")
+        retrain = train_local(phase_config(cfg, "retrain", dict(zip(blocks, plans))))
+        best_auc = state.best()[1]
+        parent.log_metrics({"supernet/valid_auc": supernet.metrics.get("valid/auc", float("nan")),
+                            "search/best_auc": best_auc, **{f"retrain/{k.replace('/', '_')}": v
+                                                            for k, v in retrain.metrics.items()}}, retrain.step)
+        run = parent.run_url()
+        parent.close()
+    return OptEmbedResult(supernet, widths, best_auc, plans, retrain, run)
+
+
+def search_phase(cfg: Config, supernet_cfg: Config, blocks: list[int],
+                 folder: Path) -> tuple[SearchState, list[Path], list[list[int]]]:
+    """Load the supernet's final checkpoint, search widths (resuming ``folder/state.json``) and write
+    each block's plan; the search state, the plan files and the widths found per block."""
+    from recmem.tracking.logger import RunLogger
+
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoints = Path(supernet_cfg.workdir) / supernet_cfg.train.checkpoint_dir
+    found = load_latest(checkpoints)
+    if found is None:
+        raise FileNotFoundError(f"{checkpoints}: no supernet checkpoint to search with")
+    model = build_job_model(supernet_cfg)
+    model.load_state_dict(found[0]["model"])
+    model.eval()
+    tables = [t for t in model.tables.tables if isinstance(t, SupernetTable)]
+    sizes = [len(t.feature_names) for t in tables]
+    dim = tables[0].embedding_dim
+    options = optembed_options(cfg.model.tables[blocks[0]], f"model.tables.{blocks[0]}")
+    batches = list(itertools.islice(local_source(cfg)("valid", 0, 0), options.search_batches or None))
+    kept = torch.tensor([int(k.sum()) for t in tables for k in t.kept()], dtype=torch.float64)  # [F] rows kept
+    full = sum(sum(t.rows.rows) for t in tables) * dim
+    budget = full / options.memory_ratio if options.memory_ratio else float("inf")
+
+    def split(candidate: tuple[int, ...]) -> list[list[int]]:
+        starts = list(itertools.accumulate(sizes, initial=0))
+        return [list(candidate[a:b]) for a, b in zip(starts, starts[1:])]
+
+    def score(candidate: tuple[int, ...]) -> float:
+        for table, widths in zip(tables, split(candidate)):
+            table.set_widths(widths)
+        return evaluate(model, iter(batches))["valid/auc"]
+
+    def allowed(candidate: tuple[int, ...]) -> bool:
+        return float((kept * torch.tensor(candidate, dtype=torch.float64)).sum()) <= budget
+
+    if not allowed(tuple([1] * sum(sizes))):
+        raise ConfigError(f"model.tables.{blocks[0]}.options.memory_ratio: {options.memory_ratio:g} is out of reach: "
+                          f"the {int(kept.sum()):,} rows the thresholds kept exceed it at width 1 (raise "
+                          "options.alpha or options.threshold_lr to prune more)")
+    path = folder / "state.json"
+    state = SearchState.load(path, sum(sizes), dim) if path.is_file() else None
+    settings = SearchSettings(options.population, options.top_k, options.mutations, options.crossovers,
+                              options.mutation_prob, options.iterations, cfg.seed)
+    log = RunLogger(phase_config(cfg, "search"))
+
+    def after(s: SearchState) -> None:
+        s.save(path)
+        log.log_metrics({"search/best_auc": s.best()[1], "search/candidates": float(len(s.scores))}, s.generation)
+
+    state = evolve(sum(sizes), dim, score, settings, allowed, state, after)
+    widths = split(state.best()[0])
+    plans = []
+    for i, table, block_widths in zip(blocks, tables, widths):
+        plans.append(folder / f"plan-{i}.pt")
+        table.compact_plan(block_widths).save(plans[-1])
+        log.log_params({f"tables.{i}.widths": block_widths})
+        log.log_artifact(plans[-1], "plans")
+    log.log_metrics({"search/rows_kept": float(kept.sum()), "search/kept_fraction": float(kept.sum()) * dim / full},
+                    state.generation)
+    log.close()
+    return state, plans, widths
