@@ -21,6 +21,7 @@ from recmem.tables.mixed_dim import MixedDimTable
 from recmem.tables.multihash import MultiHashTable
 from recmem.tables.optembed import OptEmbedTable
 from recmem.tables.qr import QRTable
+from recmem.tables.ssd import SSDTable
 
 TABLE_KINDS = {
     "full": FullTable,
@@ -28,6 +29,7 @@ TABLE_KINDS = {
     "collisionless": CollisionlessTable,
     "qr": QRTable,
     "multihash": MultiHashTable,
+    "ssd": SSDTable,
     "optembed": OptEmbedTable,
     "mixed_dim": MixedDimTable,
 }

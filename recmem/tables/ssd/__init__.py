@@ -1,0 +1,184 @@
+"""`ssd`: tables larger than RAM. Rows and their optimizer state live on local disk, a bounded RAM
+cache holds the hot ones, and the rows of the next batches are read while the current one trains.
+
+Each feature's table has ``num_embeddings`` rows addressed as the ``hash`` kind addresses them
+(``id mod num_embeddings``) and starts from the very values a ``hash`` table of the same seed starts
+from, so the two train to the same weights: the disk changes where rows wait, not what they become.
+fbgemm's SSD tables (CUDA only) and torchrec's prefetch pipeline are the model: a key-value store
+(``store.py``), a cache in front (``cache.py``), ``prefetch`` ahead of the step, rows pinned while a
+batch in the window needs them. Offline training knows its next batches, so the loop tells the
+table exactly which rows are coming (``recmem/train/lookahead.py``) instead of it guessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recmem.config import POSITIVE, ConfigError, Range, TableConfig, checked, from_dict
+from recmem.lock import LockedError
+from recmem.tables.base import ServingForm, check_width
+from recmem.tables.ssd.cache import CacheTooSmall, RowCache
+from recmem.tables.ssd.store import RowStore, StoreError
+
+__all__ = ["CacheTooSmall", "SSDOptions", "SSDTable", "StoreError"]
+
+
+@dataclass
+class SSDOptions:
+    """``options`` of an ``ssd`` table block.
+
+    Attributes:
+        path: the folder of the row file (one per table block; made if missing). A file made for
+            the same rows, width and seed is reused, so a restart does not rewrite the initial rows.
+        cache_rows: rows held in RAM, shared by the block's features; it must hold every row the
+            batches in the prefetch window need at once (a smaller cache is an error naming the minimum).
+        io_threads: disk reads and writes in flight at once.
+        direct_io: read with O_DIRECT, bypassing the page cache (which otherwise keeps recently
+            read blocks in RAM outside the cache's bound).
+    """
+
+    path: str = checked("", non_empty=True)
+    cache_rows: int = checked(65536, POSITIVE)
+    io_threads: int = checked(16, Range(1, 256))
+    direct_io: bool = False
+
+
+class SSDTable(torch.nn.Module):
+    """F tables of ``num_embeddings`` rows each on disk, behind one RAM cache.
+
+    Args:
+        feature_names: the F features, one table each.
+        num_embeddings: rows per table.
+        embedding_dim: D.
+        learning_rate: row-wise Adagrad step size.
+        path: the row file's folder.
+        cache_rows: slots in RAM.
+        seed: seeds the initial rows (as ``FusedRowwiseAdagrad`` with this seed draws them).
+        io_threads, direct_io: as in :class:`SSDOptions`.
+    """
+
+    def __init__(self, feature_names: list[str], num_embeddings: int, embedding_dim: int, learning_rate: float,
+                 path: str | Path, cache_rows: int, seed: int = 0, io_threads: int = 16,
+                 direct_io: bool = False) -> None:
+        super().__init__()
+        self.feature_names = list(feature_names)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        store = RowStore(path, [num_embeddings] * len(feature_names), embedding_dim, seed, io_threads, direct_io)
+        # Not a submodule: the cached rows belong to the disk and are written back at each checkpoint;
+        # the state dict carries the row map (get_extra_state), never a copy of the rows.
+        object.__setattr__(self, "cache", RowCache(store, cache_rows, learning_rate))
+        self._demand: np.ndarray | None = None  # slots forward pinned itself, released next forward
+        self._steps = 0
+
+    @classmethod
+    def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str,
+                    output_dim: int | None = None) -> "SSDTable":
+        """Build from a table block: ``num_embeddings`` rows per feature, knobs in ``options``."""
+        check_width(cfg, where, output_dim)
+        if cfg.num_embeddings < 1:
+            raise ConfigError(f"{where}.num_embeddings: the ssd kind needs rows per table (> 0)")
+        o = from_dict(SSDOptions, cfg.options, f"{where}.options")
+        try:
+            return cls(feature_names, cfg.num_embeddings, cfg.embedding_dim, cfg.learning_rate, o.path,
+                       o.cache_rows, seed, o.io_threads, o.direct_io)
+        except ValueError as e:
+            raise ConfigError(f"{where}.embedding_dim: {e}") from None
+        except (OSError, StoreError, LockedError) as e:
+            raise ConfigError(f"{where}.options.path: {e}") from None
+
+    def _rows(self, features: KeyedJaggedTensor) -> np.ndarray:
+        """[N] global row of each ID: feature f's table starts at row f * num_embeddings."""
+        if features.keys() != self.feature_names:
+            raise ValueError(f"expected features {self.feature_names}, got {features.keys()}")
+        local = torch.remainder(features.values(), self.num_embeddings)
+        feature = torch.repeat_interleave(torch.arange(len(self.feature_names)),
+                                          torch.tensor(features.length_per_key()))
+        return (feature * self.num_embeddings + local).numpy()
+
+    def prefetch(self, features: KeyedJaggedTensor) -> np.ndarray:
+        """Pin the rows of an upcoming batch and start reading the missing ones; returns the ticket
+        (their slots) for :meth:`release`."""
+        rows, counts = np.unique(self._rows(features), return_counts=True)
+        return self.cache.pin(rows, counts)
+
+    def release(self, ticket: np.ndarray) -> None:
+        """Unpin the rows :meth:`prefetch` pinned for one batch."""
+        self.cache.unpin(ticket)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Raw-ID KJT of ``feature_names`` -> [B, F, D]; waits for rows still on their way from disk.
+
+        A batch nobody prefetched is fetched here and stays pinned until the next forward.
+        """
+        rows = self._rows(features)
+        slots = self.cache.slot_of[rows].astype(np.int64)
+        if self._demand is not None:
+            self.cache.unpin(self._demand)
+            self._demand = None
+        if (slots < 0).any():  # not prefetched (evaluation, or no lookahead): fetch now
+            unique, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+            self._demand = self.cache.pin(unique, counts)
+            slots = self._demand[inverse]
+        self.cache.wait(slots)
+        if self.training:
+            self.cache.dirty[slots] = True
+            self._steps += 1
+        batch = features.stride()
+        pooled = self.cache.fused(torch.from_numpy(slots), features.offsets())  # [F * B, 1, D]
+        return pooled.view(len(self.feature_names), batch, self.embedding_dim).transpose(0, 1)  # [B, F, D]
+
+    def memory_bytes(self) -> int:
+        """RAM: the cache's rows and Adagrad state, its bookkeeping and the store's row map."""
+        return self.cache.memory_bytes() + self.cache.store.memory_bytes()
+
+    def stats(self) -> dict[str, float]:
+        """Cache hit rates (per lookup and per unique ID, at the time each batch was first asked for),
+        prefetch wait, disk traffic per training step, rows evicted and written back, bytes on disk and in
+        RAM. Counters restart after each call."""
+        c, store = self.cache.counts, self.cache.store
+        steps = max(self._steps, 1)
+        out = {"cache_hit_rate": c["lookup_hits"] / max(c["lookups"], 1),
+               "cache_unique_hit_rate": c["unique_hits"] / max(c["unique"], 1),
+               "misses_per_step": (c["unique"] - c["unique_hits"]) / steps,
+               "prefetch_wait_seconds": c["wait_seconds"], "prefetch_waits": c["waits"],
+               "read_bytes_per_step": store.bytes_read / steps, "written_bytes_per_step": store.bytes_written / steps,
+               "rows_evicted": c["evicted"], "rows_written_back": c["written_back"],
+               "disk_bytes": float(store.disk_bytes()), "memory_bytes": float(self.memory_bytes()),
+               "cache_rows": float(self.cache.capacity)}
+        for k in c:
+            c[k] = 0.0
+        store.bytes_read = store.bytes_written = 0
+        self._steps = 0
+        return out
+
+    def to_serving(self) -> list[ServingForm]:
+        """Per feature: all its rows, read from disk once the dirty ones are written back, looked up
+        by ``id mod num_embeddings``."""
+        self.cache.flush()
+        n = self.num_embeddings
+        return [ServingForm("modulo", {"rows": torch.from_numpy(
+                    self.cache.store.read(np.arange(f * n, (f + 1) * n, dtype=np.int64))[:, :-1].copy())})
+                for f in range(len(self.feature_names))]
+
+    def close(self) -> None:
+        """Stop the I/O worker and let go of the folder (rows not written back since the last
+        checkpoint or ``to_serving`` are dropped, as a crash would drop them)."""
+        self.cache.close()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Write every dirty row back and commit the file: the state names the committed records
+        (``where``, one byte a row, and the generation), never copies them."""
+        self.cache.flush()
+        return self.cache.store.commit()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Point at a checkpoint's records and empty the cache (its rows belong to the state replaced)."""
+        self.cache.clear()
+        self._demand = None
+        self.cache.store.restore(state)

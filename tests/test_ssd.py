@@ -1,0 +1,179 @@
+"""The ssd kind (recmem/tables/ssd/): same weights as the same table in RAM whatever the cache, pins
+that hold under an adversarial cache, a clear error below the window's rows, checkpoints that copy
+no rows and survive SIGKILL."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recmem.config import ConfigError, TableConfig
+from recmem.data.batch import Batch
+from recmem.lock import LockedError
+from recmem.tables import TableCollection, build_tables
+from recmem.tables.hash import HashTable
+from recmem.tables.ssd import CacheTooSmall, SSDTable, StoreError
+from recmem.train.lookahead import lookahead
+from recmem.train.local import train_local
+from tests.conftest import small_schema, tiny_config, tiny_overrides
+
+NAMES, ROWS, DIM, BATCH = ["a", "b", "c"], 400, 8, 32
+
+
+def _batches(n: int, seed: int = 0) -> list[Batch]:
+    """Multi-hot bags (0-3 IDs) of skewed raw IDs, some repeated within a batch."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(0, 4, (len(NAMES) * BATCH,), generator=g)
+        values = (torch.rand(int(lengths.sum()), generator=g) ** 3 * 1000).long() * 7919 - 50_000
+        kjt = KeyedJaggedTensor(keys=NAMES, values=values, lengths=lengths)
+        out.append(Batch(torch.zeros(BATCH, 1), kjt, torch.zeros(BATCH)))
+    return out
+
+
+def _train(table: torch.nn.Module, batches, seed: int = 1) -> None:
+    weights = torch.randn(BATCH, len(NAMES), DIM, generator=torch.Generator().manual_seed(seed))
+    for batch in batches:
+        (table(batch.sparse_features) * weights).sum().backward()
+
+
+def _rows(table) -> torch.Tensor:
+    return torch.cat([form.tensors["rows"] for form in table.to_serving()])
+
+
+def _window_minimum(batches: list[Batch], depth: int) -> int:
+    """The most distinct rows any depth + 1 consecutive batches hold."""
+    per_batch = []
+    for batch in batches:
+        f = torch.repeat_interleave(torch.arange(len(NAMES)), torch.tensor(batch.sparse_features.length_per_key()))
+        per_batch.append(set((f * ROWS + torch.remainder(batch.sparse_features.values(), ROWS)).tolist()))
+    return max(len(set().union(*per_batch[i:i + depth + 1])) for i in range(len(batches)))
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+@pytest.mark.parametrize("cache", ["window", "half", "all"])
+def test_same_weights_as_the_table_in_ram_whatever_the_cache(tmp_path, depth, cache):
+    batches = _batches(25)
+    rows = {"window": _window_minimum(batches, depth), "half": len(NAMES) * ROWS // 2, "all": len(NAMES) * ROWS}[cache]
+    ram = HashTable(NAMES, ROWS, DIM, 0.1, seed=5)
+    disk = SSDTable(NAMES, ROWS, DIM, 0.1, tmp_path / "rows", cache_rows=rows, seed=5)
+    torch.testing.assert_close(_rows(disk), _rows(ram), rtol=0, atol=0)  # the same initial rows
+    _train(ram, batches)
+    _train(disk, lookahead(batches, TableCollection([disk], NAMES), depth))
+    torch.testing.assert_close(_rows(disk), _rows(ram), rtol=0, atol=1e-6)
+    records = disk.cache.store.read(np.arange(len(NAMES) * ROWS))  # Adagrad state travelled to disk too
+    momentum = torch.cat([ram.rows.momentum(t) for t in range(len(NAMES))])
+    torch.testing.assert_close(torch.from_numpy(records[:, -1]), momentum, rtol=1e-6, atol=1e-9)
+    stats = disk.stats()
+    assert stats["rows_evicted"] > 0 if cache != "all" else stats["rows_evicted"] == 0
+    assert 0 < stats["cache_hit_rate"] < 1 and stats["disk_bytes"] > 0 and stats["read_bytes_per_step"] > 0
+    disk.close()
+
+
+def test_a_cache_below_the_window_is_an_error_naming_the_minimum(tmp_path):
+    batches = _batches(6)
+    need = _window_minimum(batches[:3], 2)
+    disk = SSDTable(NAMES, ROWS, DIM, 0.1, tmp_path / "rows", cache_rows=need - 1)
+    with pytest.raises(CacheTooSmall, match=rf"options.cache_rows must be at least {need}\b"):
+        _train(disk, lookahead(batches, TableCollection([disk], NAMES), 2))
+    disk.close()
+
+
+def test_rows_of_the_window_stay_pinned(tmp_path):
+    """Prefetch three batches into a cache just big enough: training the first evicts nothing the
+    other two need, and a fourth batch's rows cannot push them out."""
+    batches = _batches(4)
+    disk = SSDTable(NAMES, ROWS, DIM, 0.1, tmp_path / "rows", cache_rows=_window_minimum(batches[:3], 2))
+    tickets = [disk.prefetch(b.sparse_features) for b in batches[:3]]
+    pinned = {int(disk.cache.row_of[s]) for t in tickets for s in t}
+    _train(disk, batches[:1])
+    assert {int(disk.cache.row_of[s]) for t in tickets for s in t} == pinned
+    with pytest.raises(CacheTooSmall):  # nothing unpinned left for new rows
+        disk.prefetch(_batches(1, seed=9)[0].sparse_features)
+    disk.close()
+
+
+def test_checkpoints_copy_no_rows_and_refuse_overwritten_ones(tmp_path):
+    batches = _batches(12)
+    disk = SSDTable(NAMES, ROWS, DIM, 0.1, tmp_path / "rows", cache_rows=300, seed=2)
+    _train(disk, batches[:4])
+    first = disk.state_dict()
+    _train(disk, batches[4:8])
+    second = disk.state_dict()
+    assert sum(v.numel() for v in second["_extra_state"].values() if isinstance(v, torch.Tensor)) == len(NAMES) * ROWS
+    expected = _rows(disk)
+    _train(disk, batches[8:])  # writes after the second checkpoint end the first one
+    disk.close()
+    again = SSDTable(NAMES, ROWS, DIM, 0.1, tmp_path / "rows", cache_rows=300, seed=2)
+    with pytest.raises(StoreError, match="overwritten"):
+        again.load_state_dict(first)
+    again.load_state_dict(second)
+    torch.testing.assert_close(_rows(again), expected, rtol=0, atol=0)
+    with pytest.raises(LockedError, match="ssd table"):  # one table per folder
+        SSDTable(NAMES, ROWS, DIM, 0.1, tmp_path / "rows", cache_rows=300, seed=2)
+    again.close()
+    reseeded = SSDTable(NAMES, ROWS, DIM, 0.1, tmp_path / "rows", cache_rows=300, seed=3)  # a new file
+    with pytest.raises(StoreError, match="another file"):
+        reseeded.load_state_dict(second)
+    reseeded.close()
+
+
+def test_config_errors_name_the_key(tmp_path, tiny_root):
+    sparse = small_schema().sparse
+    with pytest.raises(ConfigError, match=r"model.tables.0.options.path: .* is empty"):
+        build_tables([TableConfig(kind="ssd", num_embeddings=10)], sparse, tiny_root)
+    with pytest.raises(ConfigError, match="model.tables.0.options.cache_rows"):
+        build_tables([TableConfig(kind="ssd", num_embeddings=10, options={"path": str(tmp_path), "cache_rows": 0})],
+                     sparse, tiny_root)
+    with pytest.raises(ConfigError, match="model.tables.0.num_embeddings"):
+        build_tables([TableConfig(kind="ssd", options={"path": str(tmp_path)})], sparse, tiny_root)
+
+
+def _ssd(path, cache_rows=180) -> list[str]:
+    return ["model.tables.0.kind=ssd", "model.tables.0.num_embeddings=64",
+            f"model.tables.0.options={{path: {path}, cache_rows: {cache_rows}}}"]
+
+
+def test_a_model_trains_to_the_same_metrics_as_in_ram(tiny_root, tmp_path):
+    common = ["train.epochs=2", "tracking.enabled=false", "ray.enabled=false"]
+    ram = train_local(tiny_config(tiny_root, tmp_path / "ram", "model.tables.0.kind=hash",
+                                  "model.tables.0.num_embeddings=64", *common))
+    disk = train_local(tiny_config(tiny_root, tmp_path / "ssd", *_ssd(tmp_path / "rows"), *common))
+    assert disk.step == ram.step
+    for key in ("valid/auc", "valid/logloss"):
+        assert disk.metrics[key] == pytest.approx(ram.metrics[key], abs=1e-6)
+    assert disk.metrics["tables/0/cache_hit_rate"] < 1
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_to_the_same_auc(tiny_root, tmp_path):
+    """Kill -9 a run between checkpoints (rows being written back), restart it: it resumes from its
+    last checkpoint and ends where an uninterrupted run ends."""
+    common = ["train.epochs=12", "train.checkpoint_every=10", "tracking.enabled=false", "ray.enabled=false"]
+    straight = train_local(tiny_config(tiny_root, tmp_path / "straight", *_ssd(tmp_path / "rows_a"), *common))
+    gc.collect()  # let go of the folder's lock before another process could want it
+    overrides = tiny_overrides(tiny_root, tmp_path / "killed", *_ssd(tmp_path / "rows_b"), *common)
+    script = ("import sys\nfrom recmem.config import load_config\nfrom recmem.train.local import train_local\n"
+              "r = train_local(load_config(None, sys.argv[1:]))\nprint('AUC', repr(r.metrics['valid/auc']))\n")
+    checkpoints = tmp_path / "killed" / "runs" / "checkpoints"
+    victim = subprocess.Popen([sys.executable, "-c", script, *overrides])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(checkpoints.glob("step-*.pt"))) < 2 and victim.poll() is None:
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    auc = float(resumed.stdout.split("AUC")[-1])
+    assert auc == pytest.approx(straight.metrics["valid/auc"], abs=1e-6)
