@@ -157,6 +157,8 @@ class KeyedLookup:
     def __call__(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """values [N] int64, lengths [B] -> [B, D] summed rows."""
         pos, hit = self.positions(values)
+        if not len(self.rows):  # no keys yet (a collisionless table before its first ID): all default
+            return pool(self.default[None, :].expand(values.shape[0], -1), lengths)
         rows = torch.where(hit[:, None], self.rows.gather(pos), self.default[None, :])  # [N, D]
         return pool(rows, lengths)
 
