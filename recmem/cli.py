@@ -32,6 +32,8 @@ COMMANDS = {
     "models": "list a registered model's versions, aliases and tags",
     "optembed": "OptEmbed's three phases on the configured model's optembed blocks: train the supernet, search "
                 "per-field widths, retrain the compact tables (each a nested MLflow run; a rerun resumes)",
+    "online": "train on the windows of a stream as they land in online.landing (score each, then train on it), "
+              "committing the rows consumed with the model and pushing row deltas to online.endpoints",
     "serve": "serve a model over HTTP (--bundle FOLDER, or --model NAME following --alias in the MLflow "
              "Model Registry): POST /predict, POST /delta, GET /health, GET /metrics",
 }
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
             quiet_libraries()
         return {"generate": _generate, "prepare": _prepare, "train": _train,
-                "evaluate": _evaluate, "quickstart": _quickstart,
+                "evaluate": _evaluate, "quickstart": _quickstart, "online": _online,
                 "export": lambda c: _export(c, args), "register": lambda c: _register(c, args),
                 "promote": lambda c: _promote(c, args), "models": lambda c: _models(c, args),
                 "serve": lambda c: _serve(c, args), "optembed": _optembed}[args.command](cfg)
@@ -155,6 +157,18 @@ def _optembed(cfg: Config) -> int:
     print(f"tables        {result.retrain.metrics.get('tables/memory_bytes', float('nan')):,.0f} bytes retrained; "
           f"evaluate or export it with train.checkpoint_dir={cfg.train.checkpoint_dir}/retrain and each "
           "block's options.plan set to its plan above")
+    return 0
+
+
+def _online(cfg: Config) -> int:
+    from recmem.online.loop import run_online
+    from recmem.tracking.logger import check_tracking, runs_marked_failed
+
+    check_tracking(cfg)
+    with runs_marked_failed():
+        result = run_online(cfg)
+    print(f"recmem online: {result.windows} windows, {result.rows:,} rows committed"
+          + (f"; quarantined {len(result.quarantined)} files" if result.quarantined else ""))
     return 0
 
 

@@ -145,24 +145,33 @@ class _GroupReader:
         return table
 
     def _check_values(self, table: pa.Table, part: int, group: int) -> None:
-        """Refuse a row group whose labels leave [0, 1] (or are missing) or whose dense features hold
-        NaN or infinity: the loss would be garbage or NaN far from the file that caused it.
+        """Refuse a row group whose values :func:`bad_values` finds wrong.
 
         Raises:
             DataError: naming the file, the row (0-based, within the file), the column and the value.
         """
-        for name, dense in ((self.schema.label, False), *((d, True) for d in self.schema.dense)):
-            column = table.column(name)
-            if dense and not pa.types.is_floating(column.type):
-                continue  # integers are finite
-            values = column.to_numpy(zero_copy_only=False)  # nulls -> NaN
-            ok = np.isfinite(values) if dense else (values >= 0) & (values <= 1)
-            if dense and column.null_count:
-                ok |= column.is_null().to_numpy(zero_copy_only=False)  # a missing dense value reads as 0
-            if not ok.all():
-                row = int(np.argmin(ok))
-                before = sum(self._file[1].metadata.row_group(g).num_rows for g in range(group))
-                what = "NaN or infinity" if dense else "a label outside [0, 1] (or missing)"
-                raise DataError(f"{self.index.paths[part]}: row {before + row} (row group {group}), column "
-                                f"{name!r} holds {values[row].item()!r}: {what}; {int((~ok).sum())} such rows in "
-                                "this row group")
+        bad = bad_values(table, self.schema)
+        if bad is not None:
+            row, message = bad
+            before = sum(self._file[1].metadata.row_group(g).num_rows for g in range(group))
+            raise DataError(f"{self.index.paths[part]}: row {before + row} (row group {group}), {message} "
+                            "in this row group")
+
+
+def bad_values(table: pa.Table, schema: SchemaConfig) -> tuple[int, str] | None:
+    """The first row of ``table`` whose label leaves [0, 1] (or is missing) or whose dense feature holds
+    NaN or infinity, as ``(row, "column ... holds ...; n such rows")``, or None when all are good: the
+    loss would be garbage or NaN far from the file that caused it."""
+    for name, dense in ((schema.label, False), *((d, True) for d in schema.dense)):
+        column = table.column(name)
+        if dense and not pa.types.is_floating(column.type):
+            continue  # integers are finite
+        values = column.to_numpy(zero_copy_only=False)  # nulls -> NaN
+        ok = np.isfinite(values) if dense else (values >= 0) & (values <= 1)
+        if dense and column.null_count:
+            ok |= column.is_null().to_numpy(zero_copy_only=False)  # a missing dense value reads as 0
+        if not ok.all():
+            row = int(np.argmin(ok))
+            what = "NaN or infinity" if dense else "a label outside [0, 1] (or missing)"
+            return row, f"column {name!r} holds {values[row].item()!r}: {what}; {int((~ok).sum())} such rows"
+    return None

@@ -1,0 +1,266 @@
+"""The online loop (recmem/online): landing-directory windows, quarantine, test-then-train, and
+exactly-once progress through crashes (SIGKILL at several points, then file accounting)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recmem.online.loop import run_online
+from recmem.online.source import QUARANTINE
+from recmem.train.checkpoint import list_checkpoints, load_latest
+from tests.conftest import small_schema, tiny_config, tiny_overrides, write_learnable_root
+
+FILE_ROWS = 600  # 3 batches of 256, the last short: no row may be dropped
+COLLISIONLESS = ["model.tables.0.kind=collisionless", "model.tables.0.options.capacity=1000",
+                 "model.tables.0.options.ttl=100000", "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory) -> tuple[Path, pa.Table]:
+    """A data root (for the model's statistics) and time-ordered rows to land as files."""
+    root = write_learnable_root(tmp_path_factory.mktemp("online"), small_schema(), rows=6 * FILE_ROWS, valid=300)
+    return root, pq.read_table(root / "train" / "part-00000.parquet")
+
+
+def land(landing: Path, table: pa.Table, files: int, first: int = 0) -> list[str]:
+    """Land ``files`` files of FILE_ROWS rows as a producer does (write, then rename)."""
+    landing.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(first, first + files):
+        name = f"part-{i:04d}.parquet"
+        pq.write_table(table.slice(i * FILE_ROWS, FILE_ROWS), landing / f".{name}.tmp")
+        (landing / f".{name}.tmp").rename(landing / name)
+        names.append(name)
+    return names
+
+
+def online_config(root: Path, work: Path, landing: Path, *overrides: str):
+    return tiny_config(root, work, f"online.landing={landing}", "online.idle_exit_s=0.2",
+                       "online.poll_interval_s=0.05", *COLLISIONLESS, *overrides)
+
+
+def final_state(work: Path) -> dict:
+    state, _ = load_latest(work / "runs" / "online")
+    return state
+
+
+def test_windows_train_once_each_and_resume_mid_file(stream, tmp_path):
+    root, table = stream
+    landing = tmp_path / "landing"
+    names = land(landing, table, 3)
+    whole = run_online(online_config(root, tmp_path / "whole", landing, "online.window_rows=250"), say=lambda _: None)
+    assert whole.windows == 9 and whole.rows == 3 * FILE_ROWS  # 250 + 250 + 100 per file
+    assert whole.offsets == {n: FILE_ROWS for n in names}
+    assert [(h["key"], h["rows"]) for h in whole.history[:3]] == [(names[0], 250), (names[0], 250), (names[0], 100)]
+    # Stopped after 4 windows (mid-file), then resumed: the same model as the run that never stopped.
+    part = online_config(root, tmp_path / "split", landing, "online.window_rows=250")
+    first = run_online(online_config(root, tmp_path / "split", landing, "online.window_rows=250",
+                                     "online.max_windows=4"), say=lambda _: None)
+    assert first.offsets == {names[0]: FILE_ROWS, names[1]: 250}
+    lines: list[str] = []
+    rest = run_online(part, say=lines.append)
+    assert "4 windows, 850 rows committed" in lines[0]
+    assert rest.windows == 9 and rest.offsets == whole.offsets
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "split")
+    assert a["step"] == b["step"] == 9  # one batch of at most 256 rows per window
+    for key in a["model"]:
+        if isinstance(a["model"][key], torch.Tensor):
+            assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_scores_each_window_before_training_on_it(stream, tmp_path):
+    from recmem.online.source import LandingDirectory
+    from recmem.train.loop import build_job_model, evaluate
+
+    root, table = stream
+    landing = tmp_path / "landing"
+    land(landing, table, 2)
+    cfg = online_config(root, tmp_path / "w", landing)
+    result = run_online(cfg, say=lambda _: None)
+    fresh = build_job_model(cfg)  # the same seed: the model before any training
+    window = LandingDirectory(str(landing), cfg.data.schema).next_window({})
+    before = evaluate(fresh, window.batches(cfg.data.schema, cfg.data.batch_size), "online")
+    assert result.history[0]["auc"] == pytest.approx(before["online/auc"], abs=1e-6)
+    assert result.history[1]["auc"] > result.history[0]["auc"]  # it learns as it goes
+
+
+def test_bad_files_are_quarantined_never_trained(stream, tmp_path):
+    root, table = stream
+    landing = tmp_path / "landing"
+    good = land(landing, table, 2)
+    (landing / "a-truncated.parquet").write_bytes((landing / good[0]).read_bytes()[:500])
+    pq.write_table(table.slice(0, 50).drop(["C2"]), landing / "b-no-column.parquet")
+    labels = table.slice(0, 50).column("label").to_numpy().copy()
+    labels[7] = 5.0
+    bad = table.slice(0, 50).set_column(table.schema.get_field_index("label"), "label", pa.array(labels))
+    pq.write_table(bad, landing / "c-label.parquet")
+    pq.write_table(table.slice(0, 50), landing / ".d-in-flight.parquet")  # not renamed yet: ignored
+    lines: list[str] = []
+    result = run_online(online_config(root, tmp_path / "w", landing), say=lines.append)
+    assert result.offsets == {n: FILE_ROWS for n in good}
+    assert sorted(result.quarantined) == ["a-truncated.parquet", "b-no-column.parquet", "c-label.parquet"]
+    reasons = {p.name: p.read_text() for p in (landing / QUARANTINE).glob("*.reason.txt")}
+    assert "footer" in reasons["a-truncated.parquet.reason.txt"]
+    assert "'C2'" in reasons["b-no-column.parquet.reason.txt"]
+    assert "row 7" in reasons["c-label.parquet.reason.txt"] and "label" in reasons["c-label.parquet.reason.txt"]
+    assert sum("quarantined" in line for line in lines) == 3
+    assert (landing / ".d-in-flight.parquet").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_trains_every_row_exactly_once(stream, tmp_path):
+    """Kill -9 the loop mid-commit (a checkpoint being written), mid-window (just after a commit)
+    and after several commits, restarting each time while files keep landing; by file accounting
+    and by weights the result equals a run that was never interrupted."""
+    root, table = stream
+    landing = tmp_path / "landing"
+    names = land(landing, table, 4)
+    work = tmp_path / "killed"
+    command = [sys.executable, "-m", "recmem.cli", "online",
+               *tiny_overrides(root, work, f"online.landing={landing}", "online.idle_exit_s=1",
+                               "online.poll_interval_s=0.05", *COLLISIONLESS)]
+    folder = work / "runs" / "online"
+
+    def run_until(seen) -> None:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not seen() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert proc.poll() is None, "the loop ended before the kill point"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait()
+
+    def steps() -> int:
+        done = list_checkpoints(folder)
+        return int(done[-1].stem.split("-")[1]) if done else 0
+
+    run_until(lambda: folder.is_dir() and any(p.name.startswith(".step-") for p in folder.iterdir()))  # mid-commit
+    base = steps()
+    run_until(lambda: steps() >= base + 3)  # one more window committed, then killed inside the next
+    names += land(landing, table, 2, first=4)  # more files land while the loop is down
+    run_until(lambda: steps() >= 12)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = final_state(work)
+    assert state["online"]["offsets"] == {n: FILE_ROWS for n in names}  # every file, every row
+    assert state["online"]["rows"] == 6 * FILE_ROWS and state["online"]["windows"] == 6
+    assert state["step"] == 6 * 3  # one step per batch: a window trained twice would add steps
+
+    reference = run_online(online_config(root, tmp_path / "never_killed", landing), say=lambda _: None)
+    assert reference.offsets == state["online"]["offsets"]
+    expected = final_state(tmp_path / "never_killed")
+    for key, value in expected["model"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state["model"][key]), key
+
+
+
+def initial_bundle(cfg, out: Path) -> Path:
+    """The serving bundle of the loop's starting model (the same seed builds the same weights)."""
+    from recmem.export.job import bundle_info, export_model
+    from recmem.train.loop import build_job_model
+
+    model = build_job_model(cfg)
+    return export_model(model, cfg, out, "fp32", bundle_info(cfg, {"model": model.state_dict(), "step": 0}, "initial"))
+
+
+def served_logits(service, batch, sparse: list[str]) -> torch.Tensor:
+    kjt = batch.sparse_features
+    return service.served.bundle.logits(batch.dense_features, [kjt[f].values() for f in sparse],
+                                        [kjt[f].lengths().to(torch.int64) for f in sparse])
+
+
+@pytest.mark.parametrize("kind", ["collisionless", "hash"])
+def test_deltas_keep_a_server_equal_to_the_trained_model(stream, tmp_path, kind):
+    """Deltas after each commit (a server swapped to another version meanwhile gets a full resend),
+    and the server answers as the final checkpoint does; evicted IDs are deleted there too."""
+    from recmem.export.check import probe_batch
+    from recmem.online.sync import DeltaPublisher
+    from recmem.serve.service import ModelService, Served
+    from recmem.serving import load_bundle
+    from recmem.train.loop import build_job_model
+
+    root, table = stream
+    landing = tmp_path / "landing"
+    land(landing, table, 4)
+    tables = (["model.tables.0.options.track_changes=true", "model.tables.0.options.ttl=20000"] if kind == "collisionless"
+              else ["model.tables.0.kind=hash", "model.tables.0.num_embeddings=512", "model.tables.0.options={}"])
+    cfg = online_config(root, tmp_path / "w", landing, "online.endpoints=[http://fake]", "online.sync_interval_s=0",
+                        "online.dense_every=1", *tables)
+    start = load_bundle(initial_bundle(cfg, tmp_path / "bundles"))
+    service = ModelService("m", Served(start))
+
+    def post(url: str, body: bytes) -> tuple[int, dict]:
+        return service.health() if url.endswith("/health") else service.delta(body)
+
+    records: list[dict] = []
+    publisher = None
+
+    def publish(session, windows):
+        nonlocal publisher
+        publisher = publisher or DeltaPublisher(cfg, session.model, say=lambda _: None, post=post)
+        if windows == 3:  # the server restarts from its first bundle: the next delta no longer applies
+            service.swap(Served(start))
+        records.append(publisher(session, windows))
+        return records[-1]
+
+    run_online(cfg, say=lambda _: None, publisher=publish)
+    assert [r["delta_full"] for r in records] == [1, 0, 1, 0]  # the first push, and the one the swap refused
+    assert all(r["delta_failures"] == 0 for r in records)
+    assert all(r["delta_rows"] > 0 for r in records)
+    assert service.served.bundle.version == records[-1]["delta_version"]
+    state = final_state(tmp_path / "w")
+    model = build_job_model(cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    probe = probe_batch(cfg)
+    with torch.no_grad():
+        expected = model(probe)
+    got = served_logits(service, probe, list(cfg.data.schema.sparse))
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+
+
+@pytest.mark.slow
+def test_delta_of_k_touched_rows_of_a_10m_row_table_holds_k_rows(tmp_path):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recmem.config import load_config
+    from recmem.online.sync import DeltaPublisher
+    from recmem.train.loop import build_job_model
+
+    rows = 10_000_000
+    cfg = load_config(None, [
+        f"workdir={tmp_path}", "data.schema.dense=[I1]", "data.schema.sparse=[C1]", "model.bottom_mlp=[8,4]",
+        "model.top_mlp=[8,1]", "model.tables.0.kind=collisionless", "model.tables.0.embedding_dim=4",
+        f"model.tables.0.options={{capacity: {rows}, initial_rows: {rows}, track_changes: true}}",
+        "online.endpoints=[http://unused]", "train.precision=fp32"])
+    model = build_job_model(cfg)
+    publisher = DeltaPublisher(cfg, model)
+    table = model.tables.tables[0]
+    ids = torch.arange(rows, dtype=torch.int64) * 7919 + 13
+
+    def touch(values: torch.Tensor) -> torch.Tensor:  # a training lookup: rows admitted and marked touched
+        return table(KeyedJaggedTensor(keys=["C1"], values=values, lengths=torch.ones(len(values), dtype=torch.int64)))
+
+    with torch.no_grad():
+        for start in range(0, rows, 2_000_000):
+            touch(ids[start:start + 2_000_000])
+    assert table.stats()["rows_live"] == rows
+    table.take_changes()  # as if pushed
+    for k in (10, 1000):
+        touch(ids[torch.randperm(rows)[:k]]).sum().backward()
+        publisher.collect()
+        delta = publisher.delta("base", "next", dense=False)
+        assert len(delta["tables"]["C1"]["ids"]) == k and delta["tables"]["C1"]["deleted"] == []
+        publisher.discard()
