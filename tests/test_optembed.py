@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recmem.config import ConfigError, TableConfig
 from recmem.data.stats import load_ids
 from recmem.tables import build_tables
-from recmem.tables.optembed import Plan
+from recmem.tables.optembed import Plan, compact_bytes
 from recmem.tables.optembed.supernet import UnitStep, row_mask, step_gradient
 from recmem.train.evolution import SearchSettings, SearchState, evolve
 from tests.conftest import small_schema
@@ -176,6 +176,7 @@ def test_compact_table_stores_kept_rows_at_their_widths(tiny_root, tmp_path):
     row_bytes = sum(n * (stored[w] + 1) * 4 for n, w in zip(rows, plan.widths))  # rows + Adagrad state
     column_masks = (2 * 4 + 2 * 8) * 4  # [fields, stored width] per kernel: widths 3, 1 in 4; 8, 5 in 8
     assert table.memory_bytes() == row_bytes + sum(8 * len(k) for k in plan.keys) + column_masks
+    assert compact_bytes([len(k) for k in plan.keys], plan.widths) == table.memory_bytes()  # the search's limit
     forms = table.to_serving()
     assert [f.tensors["rows"].shape[1] for f in forms] == plan.widths
     assert [("projection" in f.tensors) for f in forms] == [True, False, True, True]
@@ -200,6 +201,6 @@ def test_plan_errors_name_the_option_and_file(tiny_root, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a plan")
     with pytest.raises(ConfigError, match="junk.pt: not a plan"):
         build(tmp_path / "junk.pt")
-    with pytest.raises(ConfigError, match="model.tables.0.options.memory_ratio"):
-        build_tables([TableConfig(kind="optembed", embedding_dim=D, options={"memory_ratio": 0.5})],
+    with pytest.raises(ConfigError, match="model.tables.0.options.max_bytes: -1 is out of range"):
+        build_tables([TableConfig(kind="optembed", embedding_dim=D, options={"max_bytes": -1})],
                      SCHEMA.sparse, tiny_root)

@@ -20,7 +20,7 @@ from tests.conftest import small_schema, tiny_config, tiny_overrides
 DCN = ["model.arch=dcnv2", "model.bottom_mlp=[16]", "model.top_mlp=[16,1]", "model.cross_layers=1"]
 SUPERNET = ["model.tables.0.kind=optembed", "model.tables.0.options={alpha: 1e-3, threshold_lr: 0.01}"]
 SEARCH = ("model.tables.0.options={alpha: 1e-3, population: 4, top_k: 2, mutations: 2, crossovers: 2, "
-          "iterations: 1, search_batches: 4}")
+          "iterations: 1, search_batches: 4, max_bytes: 7000}")  # width 8 everywhere would take ~9,300 bytes
 
 
 def _plan_options(tiny_root, folder):
@@ -55,9 +55,9 @@ def test_phase_learns_and_resumes_exactly(tiny_root, tmp_path, phase, arch):
 def test_command_runs_three_nested_phases_resumes_and_exports(tiny_root, tmp_path, capsys):
     import mlflow
 
+    from recmem.data.dataset import iter_batches
     from recmem.export.job import export_job
     from recmem.serving import load_bundle
-    from recmem.data.dataset import iter_batches
     from recmem.train.loop import build_job_model
 
     args = ["optembed", *tiny_overrides(tiny_root, tmp_path, "ray.enabled=false", "model.tables.0.kind=optembed",
@@ -97,5 +97,6 @@ def test_command_runs_three_nested_phases_resumes_and_exports(tiny_root, tmp_pat
         expected = model(batch)
     torch.testing.assert_close(bundle.logits(batch.dense_features, values, lengths), expected, rtol=0, atol=1e-5)
     plan = Plan.load(search / "plan-0.pt", retrain.data.schema.sparse, 8, "plan")
+    assert model.tables.memory_bytes() <= 7000  # the search's max_bytes held
     rows = sum(f.tensors["rows"].shape[0] for f in model.tables.to_serving())
     assert rows == sum(len(k) for k in plan.keys)  # only the kept rows are exported

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from recmem.config import Config, ConfigError
-from recmem.tables.optembed import SupernetTable, optembed_options
+from recmem.tables.optembed import SupernetTable, compact_bytes, optembed_options
 from recmem.train.checkpoint import load_latest
 from recmem.train.evolution import SearchSettings, SearchState, evolve
 from recmem.train.local import local_source, train_local
@@ -120,9 +120,7 @@ def search_phase(cfg: Config, supernet_cfg: Config, blocks: list[int],
     dim = tables[0].embedding_dim
     options = optembed_options(cfg.model.tables[blocks[0]], f"model.tables.{blocks[0]}")
     batches = list(itertools.islice(local_source(cfg)("valid", 0, 0), options.search_batches or None))
-    kept = torch.tensor([int(k.sum()) for t in tables for k in t.kept()], dtype=torch.float64)  # [F] rows kept
-    full = sum(sum(t.rows.rows) for t in tables) * dim
-    budget = full / options.memory_ratio if options.memory_ratio else float("inf")
+    kept = [int(k[:-1].sum()) for t in tables for k in t.kept()]  # per field, the vocabulary rows kept
 
     def split(candidate: tuple[int, ...]) -> list[list[int]]:
         starts = list(itertools.accumulate(sizes, initial=0))
@@ -134,12 +132,12 @@ def search_phase(cfg: Config, supernet_cfg: Config, blocks: list[int],
         return evaluate(model, iter(batches))["valid/auc"]
 
     def allowed(candidate: tuple[int, ...]) -> bool:
-        return float((kept * torch.tensor(candidate, dtype=torch.float64)).sum()) <= budget
+        return not options.max_bytes or compact_bytes(kept, list(candidate)) <= options.max_bytes
 
     if not allowed(tuple([1] * sum(sizes))):
-        raise ConfigError(f"model.tables.{blocks[0]}.options.memory_ratio: {options.memory_ratio:g} is out of reach: "
-                          f"the {int(kept.sum()):,} rows the thresholds kept exceed it at width 1 (raise "
-                          "options.alpha or options.threshold_lr to prune more)")
+        raise ConfigError(f"model.tables.{blocks[0]}.options.max_bytes: {options.max_bytes:,} is out of reach: the "
+                          f"{sum(kept):,} rows the thresholds kept take {compact_bytes(kept, [1] * sum(sizes)):,} bytes "
+                          "at width 1 (raise options.alpha or options.threshold_lr to prune more, or options.min_count)")
     path = folder / "state.json"
     state = SearchState.load(path, sum(sizes), dim) if path.is_file() else None
     settings = SearchSettings(options.population, options.top_k, options.mutations, options.crossovers,
@@ -158,7 +156,8 @@ def search_phase(cfg: Config, supernet_cfg: Config, blocks: list[int],
         table.compact_plan(block_widths).save(plans[-1])
         log.log_params({f"tables.{i}.widths": block_widths})
         log.log_artifact(plans[-1], "plans")
-    log.log_metrics({"search/rows_kept": float(kept.sum()), "search/kept_fraction": float(kept.sum()) * dim / full},
-                    state.generation)
+    total = sum(sum(t.rows.rows) for t in tables)
+    log.log_metrics({"search/rows_kept": float(sum(kept)), "search/kept_fraction": sum(kept) / total,
+                     "search/compact_bytes": float(compact_bytes(kept, list(state.best()[0])))}, state.generation)
     log.close()
     return state, plans, widths

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from recmem.config import NON_NEGATIVE, POSITIVE, ConfigError, FRACTION, Range, TableConfig, checked, from_dict
+from recmem.config import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, TableConfig, checked, from_dict
 from recmem.tables.base import check_width
-from recmem.tables.optembed.compact import CompactTable, Plan
+from recmem.tables.optembed.compact import CompactTable, Plan, compact_bytes
 from recmem.tables.optembed.supernet import SupernetTable
 
 
@@ -42,8 +42,9 @@ class OptEmbedOptions:
         mutation_prob: (search) the chance each field's width is redrawn in a mutation.
         iterations: (search) generations.
         search_batches: (search) validation batches scoring each candidate; 0: the whole split.
-        memory_ratio: (search) keep only candidates whose kept rows times widths are at most
-            1/memory_ratio of the supernet's rows times D; 0: no limit (the paper's search).
+        max_bytes: (search) keep only candidates whose retrained table would hold at most this
+            many bytes (``compact.compact_bytes``: the kept rows at the candidate's widths); 0: no
+            limit (the paper's search).
         plan: (retrain) the plan file the search wrote; set, the block is the retrained table.
     """
 
@@ -59,16 +60,13 @@ class OptEmbedOptions:
     mutation_prob: float = checked(0.1, FRACTION)
     iterations: int = checked(30, NON_NEGATIVE)
     search_batches: int = checked(0, NON_NEGATIVE)
-    memory_ratio: float = checked(0.0, Range(0))
+    max_bytes: int = checked(0, NON_NEGATIVE)
     plan: str = ""
 
 
 def optembed_options(cfg: TableConfig, where: str) -> OptEmbedOptions:
     """The block's options, checked (``where``: the block's dotted key)."""
-    options = from_dict(OptEmbedOptions, cfg.options, f"{where}.options")
-    if 0 < options.memory_ratio < 1:
-        raise ConfigError(f"{where}.options.memory_ratio: {options.memory_ratio:g} must be 0 (no limit) or >= 1")
-    return options
+    return from_dict(OptEmbedOptions, cfg.options, f"{where}.options")
 
 
 class OptEmbedTable:
@@ -101,4 +99,5 @@ class OptEmbedTable:
                              options.threshold_lr, options.threshold_init, seed, options.sample_widths)
 
 
-__all__ = ["CompactTable", "OptEmbedOptions", "OptEmbedTable", "Plan", "SupernetTable", "optembed_options"]
+__all__ = ["CompactTable", "OptEmbedOptions", "OptEmbedTable", "Plan", "SupernetTable", "compact_bytes",
+           "optembed_options"]

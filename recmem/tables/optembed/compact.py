@@ -105,6 +105,15 @@ def stored_width(width: int) -> int:
     return -(-width // 4) * 4
 
 
+def compact_bytes(kept: list[int], widths: list[int]) -> int:
+    """The bytes a :class:`CompactTable` of ``kept`` IDs per field at ``widths`` holds: per field
+    kept + 1 rows of the stored width with their Adagrad state, 8 bytes per kept ID, and each
+    kernel's [fields, stored width] column mask (the search's memory limit; the table measures its
+    own live tensors)."""
+    stored = [stored_width(w) for w in widths]
+    return sum((k + 1) * 4 * (s + 1) + 8 * k + 4 * s for k, s in zip(kept, stored))
+
+
 class CompactTable(torch.nn.Module):
     """The kept rows of each field at its width, zero-padded to D (see the module docstring).
 
