@@ -34,6 +34,8 @@ COMMANDS = {
                 "per-field widths, retrain the compact tables (each a nested MLflow run; a rerun resumes)",
     "online": "train on the windows of a stream as they land in online.landing (score each, then train on it), "
               "committing the rows consumed with the model and pushing row deltas to online.endpoints",
+    "frontier": "the memory/quality frontier: DLRM over each table kind at 1x, 4x, 16x and 64x less embedding "
+                "memory than `full` (equal steps), reporting measured bytes, AUC, logloss, oracle gap and samples/s",
     "serve": "serve a model over HTTP (--bundle FOLDER, or --model NAME following --alias in the MLflow "
              "Model Registry): POST /predict, POST /delta, GET /health, GET /metrics",
 }
@@ -74,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
             _export_arguments(c)
         if name == "serve":
             _serve_arguments(c)
+        if name == "frontier":
+            _frontier_arguments(c)
     return p
 
 
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 "evaluate": _evaluate, "quickstart": _quickstart, "online": _online,
                 "export": lambda c: _export(c, args), "register": lambda c: _register(c, args),
                 "promote": lambda c: _promote(c, args), "models": lambda c: _models(c, args),
-                "serve": lambda c: _serve(c, args), "optembed": _optembed}[args.command](cfg)
+                "serve": lambda c: _serve(c, args), "optembed": _optembed,
+                "frontier": lambda c: _frontier(c, args)}[args.command](cfg)
     except (ConfigError, OSError, LockedError, TrackingUnavailable, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -281,6 +286,39 @@ def _models(cfg: Config, args: argparse.Namespace) -> int:
         tags = v["tags"]
         print(f"version {v['version']:>4}  {','.join(v['aliases']) or '-':<12} {tags.get('recmem.bundle_version', '-')}  "
               f"valid AUC {tags.get('recmem.valid_auc', '-')}  run {v['run_id'] or '-'}")
+    return 0
+
+
+def _frontier_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--quick", action="store_true", help="tiny data, 1x and 16x, a few steps (the test suite's)")
+    c.add_argument("--out", help="folder of the points and the report (default: <workdir>/runs/frontier/<data root>)")
+    c.add_argument("--steps", type=int, default=0, help="steps per point (default: train.max_steps, else the epochs)")
+    c.add_argument("--ratios", default="1,4,16,64", help="memory ratios to full (default 1,4,16,64)")
+    c.add_argument("--kinds", help="comma-separated kinds (default: every kind issue 11 names)")
+    c.add_argument("--lr", action="append", default=[], metavar="KIND=RATE", help="a kind's table learning rate")
+
+
+def _frontier(cfg: Config, args: argparse.Namespace) -> int:
+    from recmem.bench.frontier import FrontierOptions, ensure_data, quick, run_frontier
+
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+        rates = {k: float(v) for k, _, v in (x.partition("=") for x in args.lr)}
+    except ValueError:
+        raise ValueError(f"--ratios {args.ratios!r} and --lr {args.lr} must be numbers (KIND=RATE)") from None
+    if min(ratios) < 1 or args.steps < 0:
+        raise ValueError("--ratios must be at least 1 and --steps not negative")
+    out = Path(args.out or Path(cfg.workdir) / "runs" / "frontier" / Path(cfg.data.root).name)
+    kinds = tuple(args.kinds.split(",")) if args.kinds else FrontierOptions(out).kinds
+    opts = FrontierOptions(out, ratios, args.steps, kinds, rates)
+    if args.quick:
+        cfg, opts = quick(cfg, opts)
+    skipped = ensure_data(cfg)
+    if skipped:
+        print(f"recmem frontier: {skipped}")
+        return 0
+    run_frontier(cfg, opts)
+    print(f"recmem frontier: report in {out}")
     return 0
 
 

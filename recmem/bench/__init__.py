@@ -12,4 +12,7 @@
 - ``scaling.py`` (``jobs/bench_scaling.py``): Ray workers, bytes per step, a projection.
 - ``ray_path.py`` (``jobs/bench_ray.py``): ``recmem train`` on Ray against the single-process loop:
   pass rates, start-up to the first step, the data stream per worker.
+- ``frontier.py`` (``recmem frontier``, ``jobs/frontier.py``): the memory/quality frontier of the table
+  kinds at 1x-64x less memory than ``full``, each kind's sizing and training in ``frontier_kinds.py``,
+  the table, plot and targets in ``frontier_report.py``.
 """

@@ -1,0 +1,258 @@
+"""Each table kind at a memory ratio of `full`, and how it trains: the frontier's registry.
+
+``FRONTIER_KINDS`` maps a kind's name in the frontier to a :class:`FrontierKind`: ``size(budget)``
+picks the kind's table blocks whose *measured* bytes (the built tables' ``memory_bytes()``) come
+closest to ``budget.target`` = full's measured bytes / ratio from below, and ``train(cfg)`` trains the
+job it makes and returns what the point reports. Most kinds train with ``recmem train``'s
+single-process loop (:func:`train_plain`); a kind trained in phases (``optembed``: supernet, search,
+retrain) brings its own ``train`` and adds one line here.
+
+Every size function searches one knob, the other knobs following fixed rules stated beside it; each
+candidate is built and measured (cached by its blocks), never computed from the config. A kind whose
+smallest candidate is still above the target says so (``Sizing.blocks`` None, the reason in
+``note``): nothing falls back to a larger table.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recmem.config import Config, TableConfig
+from recmem.tables import build_tables
+
+OVERSHOOT = 1.05
+"""A point's measured bytes may exceed its target by this factor (knobs are integers)."""
+
+
+@dataclass
+class Budget:
+    """What sizing needs: the base job, full's measured bytes, the ratio and the byte target.
+
+    Attributes:
+        measure: blocks -> bytes of the built tables (``TableCollection.memory_bytes()``), cached.
+    """
+
+    cfg: Config
+    full_bytes: int
+    ratio: float
+    measure: Callable[[list[TableConfig]], int]
+
+    @property
+    def target(self) -> int:
+        """full's bytes / ratio."""
+        return int(self.full_bytes / self.ratio)
+
+    @property
+    def base(self) -> TableConfig:
+        """The config's first block: the width and learning rate every kind starts from."""
+        return self.cfg.model.tables[0]
+
+    def block(self, kind: str, **fields) -> TableConfig:
+        """A block of ``kind`` over every feature, with the base block's width and learning rate."""
+        return TableConfig(kind=kind, embedding_dim=self.base.embedding_dim, learning_rate=self.base.learning_rate,
+                           **fields)
+
+    def counts(self) -> list[np.ndarray]:
+        """Per sparse feature, the training split's count of each distinct ID."""
+        from recmem.data.stats import load_counts
+
+        return [load_counts(Path(self.cfg.data.root), f)[1] for f in self.cfg.data.schema.sparse]
+
+
+@dataclass
+class Sizing:
+    """A kind at one ratio: its blocks (None: the ratio is out of its reach), their measured bytes,
+    and how they were chosen (or why none fits)."""
+
+    blocks: list[TableConfig] | None
+    bytes: int
+    note: str
+
+
+@dataclass
+class PointRun:
+    """What training one point gives: the final validation's metrics (``tables/memory_bytes`` among
+    them, measured from the trained tables), steps taken and training samples/s."""
+
+    metrics: dict[str, float]
+    steps: int
+    samples_per_second: float
+
+
+@dataclass
+class FrontierKind:
+    """A kind in the frontier: ``size(budget) -> Sizing`` and ``train(cfg) -> PointRun``."""
+
+    size: Callable[[Budget], Sizing]
+    train: Callable[[Config], PointRun]
+
+
+def train_plain(cfg: Config) -> PointRun:
+    """``recmem train``'s single-process loop on ``cfg``."""
+    from recmem.train.local import train_local
+
+    result = train_local(cfg)
+    return PointRun(dict(result.metrics), result.step, result.samples_per_second)
+
+
+def _search(make: Callable[[int], list[TableConfig]], budget: Budget, low: int, high: int,
+            growing: bool) -> tuple[int, int] | None:
+    """The knob in [low, high] whose blocks' measured bytes are the most within the target: the
+    largest knob when bytes grow with it, else the smallest; None when none is within it."""
+    limit = budget.target * OVERSHOOT
+    fits = lambda x: budget.measure(make(x)) <= limit  # noqa: E731
+    edge = low if growing else high
+    if not fits(edge):
+        return None
+    while low < high:  # bisect over the monotone knob
+        if growing:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        else:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid + 1, high)
+    return low, budget.measure(make(low))
+
+
+def _unreachable(budget: Budget, smallest: list[TableConfig], what: str) -> Sizing:
+    least = budget.measure(smallest)
+    return Sizing(None, least, f"cannot reach {budget.ratio:g}x: its smallest tables ({what}) take {least:,} bytes, "
+                               f"{budget.full_bytes / least:.1f}x smaller than full")
+
+
+def size_full(budget: Budget) -> Sizing:
+    """The reference, the config's own `full` block (the frontier runs it at 1x only)."""
+    blocks = copy.deepcopy(budget.cfg.model.tables)
+    return Sizing(blocks, budget.measure(blocks), "the reference: " + (
+        ", ".join(f"{k}={v}" for k, v in blocks[0].options.items()) or "one row per ID"))
+
+
+def size_hash(budget: Budget) -> Sizing:
+    """``num_embeddings`` rows per feature (ID mod rows), the most that fit."""
+    make = lambda n: [budget.block("hash", num_embeddings=n)]  # noqa: E731
+    # bounds the search only (twice the rows that fit if a row cost its floats alone): bytes are measured
+    most = 2 * budget.target // (len(budget.cfg.data.schema.sparse) * 4 * budget.base.embedding_dim) + 2
+    found = _search(make, budget, 1, most, growing=True)
+    if found is None:
+        return _unreachable(budget, make(1), "1 row per feature")
+    return Sizing(make(found[0]), found[1], f"num_embeddings={found[0]}")
+
+
+def size_multihash(budget: Budget) -> Sizing:
+    """Two hashes summed (the Bloom-embedding default); rows = distinct IDs / compression, the
+    smallest compression that fits."""
+    make = lambda c: [budget.block("multihash", options={"num_hashes": 2, "compression": c})]  # noqa: E731
+    found = _search(make, budget, 1, 1 << 24, growing=False)
+    if found is None:
+        return _unreachable(budget, make(1 << 24), "1 row per feature")
+    return Sizing(make(found[0]), found[1], f"num_hashes=2, compression={found[0]}")
+
+
+def _tail_buckets(budget: Budget, row_bytes: int) -> int:
+    """Hashed OOV rows per feature for frequency-aware kinds: a quarter of the target's bytes."""
+    return max(1, budget.target // (4 * len(budget.cfg.data.schema.sparse) * row_bytes))
+
+
+def size_full_buckets(budget: Budget) -> Sizing:
+    """Frequency-aware `full`: a quarter of the bytes to hashed tail rows (``oov_buckets``), the
+    rest to the IDs seen at least ``min_count`` times, the smallest ``min_count`` that fits."""
+    buckets = _tail_buckets(budget, 4 * (budget.base.embedding_dim + 1))
+    make = lambda m: [budget.block("full", options={"min_count": m, "oov_buckets": buckets})]  # noqa: E731
+    top = int(max(c.max() for c in budget.counts())) + 1  # above every count: no ID owns a row
+    found = _search(make, budget, 1, top, growing=False)
+    if found is None:
+        return _unreachable(budget, make(top), f"{buckets} hashed rows per feature")
+    return Sizing(make(found[0]), found[1], f"min_count={found[0]}, oov_buckets={buckets}")
+
+
+def _min_count_ladder(budget: Budget) -> list[int]:
+    top = int(max(c.max() for c in budget.counts())) + 1
+    return sorted({1, *(2 ** i for i in range(int(np.log2(top)) + 1)), top})
+
+
+def size_qr(budget: Budget) -> Sizing:
+    """Quotient-remainder (mult): the vocabulary costs 8 bytes per ID, so the smallest ``min_count``
+    of 1, 2, 4, ... whose tables fit at the most useful collisions keeps a vocabulary; the IDs it
+    drops are hashed into as many row numbers as they were on average per feature (``oov_buckets``);
+    then the smallest ``collisions`` that fits. A feature of R row numbers stores R / c + c rows,
+    least at c = sqrt(R): collisions are searched up to the square root of the largest R."""
+    counts, features = budget.counts(), len(budget.cfg.data.schema.sparse)
+
+    def make_with(m: int) -> tuple[Callable[[int], list[TableConfig]], int]:
+        tail = sum(int((c < m).sum()) for c in counts) if m > 1 else 0
+        buckets = max(1, tail // features)
+        widest = math.isqrt(max(int((c >= m).sum()) for c in counts) + buckets) + 1
+        options = {"min_count": m, "oov_buckets": buckets, "threshold": 0}  # only features of R <= c stay full
+        return (lambda c: [budget.block("qr", options={**options, "collisions": c})]), widest
+
+    for m in _min_count_ladder(budget):
+        make, widest = make_with(m)
+        if budget.measure(make(widest)) <= budget.target * OVERSHOOT:
+            found = _search(make, budget, 1, widest, growing=False)
+            if found is not None:
+                opts = make(found[0])[0].options
+                return Sizing(make(found[0]), found[1], ", ".join(f"{k}={v}" for k, v in opts.items()))
+    make, widest = make_with(_min_count_ladder(budget)[-1])
+    return _unreachable(budget, make(widest), f"no vocabulary, {widest} collisions")
+
+
+MIXED_ALPHA = 0.3
+"""mixed_dim's temperature in the frontier (Ginart et al. find 0.2-0.3 best on Criteo)."""
+
+
+def size_mixed_dim(budget: Budget) -> Sizing:
+    """Mixed dimensions (alpha :data:`MIXED_ALPHA`): the smallest ``min_count`` of 1, 2, 4, ...
+    whose tables fit at d0 = 1 (every width stored as 4), a quarter of the bytes to hashed tail rows
+    when IDs are dropped, then the largest d0 (the block's ``embedding_dim``, at most the model's)."""
+    width = budget.base.embedding_dim
+
+    def make_with(m: int) -> Callable[[int], list[TableConfig]]:
+        buckets = _tail_buckets(budget, 4 * 5) if m > 1 else 1
+        options = {"alpha": MIXED_ALPHA, "min_count": m, "oov_buckets": buckets}
+        return lambda d0: [dataclasses.replace(budget.block("mixed_dim", options=options), embedding_dim=d0)]
+
+    for m in _min_count_ladder(budget):
+        found = _search(make_with(m), budget, 1, width, growing=True)
+        if found is not None:
+            blocks = make_with(m)(found[0])
+            opts = ", ".join(f"{k}={v}" for k, v in blocks[0].options.items())
+            return Sizing(blocks, found[1], f"d0={found[0]}, {opts}")
+    return _unreachable(budget, make_with(_min_count_ladder(budget)[-1])(1), "no vocabulary, widths 4")
+
+
+FRONTIER_KINDS: dict[str, FrontierKind] = {
+    "full": FrontierKind(size_full, train_plain),
+    "hash": FrontierKind(size_hash, train_plain),
+    "qr": FrontierKind(size_qr, train_plain),
+    "mixed_dim": FrontierKind(size_mixed_dim, train_plain),
+    "multihash": FrontierKind(size_multihash, train_plain),
+    "full_buckets": FrontierKind(size_full_buckets, train_plain),
+}
+"""Kinds in the frontier, in its table's order. ``optembed`` joins with its own size and train
+(three phases): one entry here."""
+
+WANTED_KINDS = ("full", "hash", "qr", "mixed_dim", "optembed", "multihash", "full_buckets")
+"""The kinds issue 11 asks the frontier for; one without an entry shows as such in the table."""
+
+
+def measurer(cfg: Config) -> Callable[[list[TableConfig]], int]:
+    """blocks -> measured bytes of the tables they build on ``cfg``'s data (each distinct blocks once)."""
+    cache: dict[str, int] = {}
+
+    def measure(blocks: list[TableConfig]) -> int:
+        key = repr(blocks)
+        if key not in cache:
+            model = copy.deepcopy(cfg.model)
+            tables = build_tables(blocks, cfg.data.schema.sparse, Path(cfg.data.root), cfg.seed,
+                                  output_dim=model.embedding_dim or model.tables[0].embedding_dim)
+            cache[key] = tables.memory_bytes()
+        return cache[key]
+
+    return measure

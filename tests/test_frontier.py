@@ -1,0 +1,91 @@
+"""The memory/quality frontier (recmem/bench/frontier.py): the quick run end to end through
+``recmem frontier --quick`` (bytes measured from the live tables, never from the config; no kind
+silently at full size; report, plot and nested MLflow runs), and the targets' verdicts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlflow
+import pytest
+
+from recmem import cli
+from recmem.bench.frontier import Point
+from recmem.bench.frontier_report import table, targets
+from recmem.tables.hash import HashTable
+from recmem.tables.multihash import MultiHashTable
+
+ALL_KINDS = "full,hash,qr,mixed_dim,optembed,multihash,full_buckets"
+
+
+@pytest.mark.slow
+def test_quick_frontier_measures_every_point(tmp_path, monkeypatch):
+    # Measured, not computed: a hash table claiming one byte more than its tensors shows it in every
+    # hash point (real bytes are multiples of 4); multihash tables claiming 1 GB reach no ratio.
+    real = HashTable.memory_bytes
+    monkeypatch.setattr(HashTable, "memory_bytes", lambda self: real(self) + 1)
+    monkeypatch.setattr(MultiHashTable, "memory_bytes", lambda self: 10**9)
+    out, db = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    assert cli.main(["frontier", "--config", "jobs/configs/frontier_synthetic.yaml", "--quick", "--out", str(out),
+                     "--kinds", ALL_KINDS, f"workdir={tmp_path}", f"tracking.tracking_uri={db}"]) == 0
+    points = [Point(**p) for p in json.loads((out / "points.json").read_text())]
+    assert {(p.kind, p.ratio) for p in points} == {("full", 1)} | {
+        (k, r) for k in ALL_KINDS.split(",")[1:] for r in (1, 16)}
+    full = next(p for p in points if p.kind == "full")
+    for p in points:
+        if p.kind == "optembed":
+            assert not p.trained and "no entry" in p.note
+        elif p.kind == "multihash":
+            assert not p.trained and p.bytes == 10**9 and "cannot reach" in p.note
+        elif p.trained:  # a trained point reached its ratio, by its own measured bytes
+            assert p.steps == 6 and p.achieved * 1.05 >= p.ratio and p.achieved == pytest.approx(full.bytes / p.bytes)
+            assert not math.isnan(p.oracle_gap) and p.samples_per_second > 0
+        else:
+            assert "cannot reach" in p.note and p.ratio > 1
+    assert all(p.trained and p.bytes % 4 == 1 for p in points if p.kind == "hash")
+    assert any(p.trained and p.ratio == 16 for p in points)
+    assert (out / "frontier.png").stat().st_size > 0 and "| mixed_dim | 16x |" in (out / "frontier.md").read_text()
+    client = mlflow.MlflowClient(db)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(nested) == sum(p.trained for p in points)
+    assert "frontier.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def _point(kind, ratio, auc, achieved=None):
+    return Point(kind, ratio, int(1000 / (achieved or ratio)), achieved or ratio, auc, 0.5, 0.01, 1000.0, 10)
+
+
+def test_targets_pass_and_fail_by_the_numbers():
+    points = [_point("full", 1, 0.800), _point("hash", 16, 0.790), _point("qr", 16, 0.7985),
+              _point("hash", 64, 0.780), _point("multihash", 64, 0.7895), _point("qr", 64, 0.779),
+              _point("multihash", 16, 0.789)]
+    lines = targets(points)
+    assert lines[0].startswith("PASS at 16x: best qr AUC 0.7985") and "+0.0015" in lines[0]
+    assert lines[1].startswith("FAIL at 64x: best multihash AUC 0.7895") and "+0.0105" in lines[1]
+    assert "PASS qr vs hash at 16x" in lines[2] and "FAIL qr vs hash at 64x" in lines[3]
+    assert "FAIL multihash vs hash at 16x" in lines[4] and "PASS multihash vs hash at 64x" in lines[5]
+
+
+def test_a_point_short_of_its_ratio_does_not_count():
+    # qr measured at 10x does not stand for 16x; no other kind reached it
+    lines = targets([_point("full", 1, 0.8), _point("qr", 16, 0.8, achieved=10.0), _point("hash", 16, 0.7)])
+    assert lines[0] == "FAIL at 16x: best hash AUC 0.7000 vs full 0.8000: +0.1000 below it (target: at most 0.002)"
+    assert "FAIL qr vs hash at 16x: not both reached it" in lines
+    assert targets([_point("hash", 16, 0.7)]) == ["FAIL: no trained full point at 1x, the reference of every target"]
+
+
+def test_table_shows_unreached_points_without_metrics():
+    text = table([_point("full", 1, 0.8), Point("qr", 64, 5000, 0.2, note="cannot reach 64x: ...")], 1000, 10)
+    assert "| qr | 64x | 5,000 | 0.2x | - | - | - | - | - | cannot reach 64x: ... |" in text
+    assert "| full | 1x | 1,000 | 1.0x | 0.8000 |" in text
+
+
+def test_a_missing_raw_log_skips_the_dataset(tmp_path, capsys):
+    missing = tmp_path / "criteo_kaggle_head10k" / "train_10k.txt"
+    assert cli.main(["frontier", "--config", "jobs/configs/criteo_kaggle_10k.yaml", "--quick", f"workdir={tmp_path}",
+                     f"data.root={tmp_path}/criteo", f"data.raw.path={missing}"]) == 0
+    assert f"{missing}: no such raw log (data.raw.path); dataset skipped" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
