@@ -177,3 +177,62 @@ def test_sigkill_mid_training_resumes_to_the_same_auc(tiny_root, tmp_path):
     assert "resumed from" in resumed.stdout + resumed.stderr
     auc = float(resumed.stdout.split("AUC")[-1])
     assert auc == pytest.approx(straight.metrics["valid/auc"], abs=1e-6)
+
+
+def _sharded_rank(rank: int, folder: str) -> list[torch.Tensor]:
+    """Rank ``rank`` of 2 trains its half of every batch through an ID-sharded ssd table with lookahead."""
+    import torch.distributed as dist
+
+    from recmem.tables.sharded import kind_shard, sharded_table
+
+    block = TableConfig(kind="ssd", embedding_dim=DIM, num_embeddings=ROWS, learning_rate=0.1,
+                        options={"path": folder, "cache_rows": 500})
+    table = sharded_table(NAMES, DIM, kind_shard(SSDTable, block, NAMES, 5, folder, "t", rank, 2), dist.group.WORLD)
+    weights = torch.randn(BATCH, len(NAMES), DIM, generator=torch.Generator().manual_seed(1))
+    half = BATCH // 2
+    local = [Batch(b.dense_features[rank * half:(rank + 1) * half], _rows_of(b.sparse_features, rank, half),
+                   b.labels[rank * half:(rank + 1) * half]) for b in _batches(12)]
+    for batch in lookahead(local, TableCollection([table], NAMES), 2):
+        (table(batch.sparse_features) * weights[rank * half:(rank + 1) * half]).sum().div(half).backward()
+    return [form.tensors["rows"] for form in table.shard.to_serving()]
+
+
+def _rows_of(kjt: KeyedJaggedTensor, rank: int, half: int) -> KeyedJaggedTensor:
+    """The bags of batch rows ``[rank * half, (rank + 1) * half)`` of every feature."""
+    per_feature = kjt.to_dict()
+    lengths, values = [], []
+    for name in NAMES:
+        jt = per_feature[name]
+        offsets = jt.offsets()
+        lengths.append(jt.lengths()[rank * half:(rank + 1) * half])
+        values.append(jt.values()[offsets[rank * half]:offsets[(rank + 1) * half]])
+    return KeyedJaggedTensor(keys=NAMES, values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+def test_id_sharded_workers_prefetch_their_rows_and_train_as_one_table(tmp_path):
+    from tests.ranks import run_ranks
+
+    shards = run_ranks(_sharded_rank, tmp_path, str(tmp_path / "rows"))
+    ram = HashTable(NAMES, ROWS, DIM, 0.1, seed=5)
+    weights = torch.randn(BATCH, len(NAMES), DIM, generator=torch.Generator().manual_seed(1))
+    for batch in _batches(12):
+        (ram(batch.sparse_features) * weights).sum().div(BATCH).backward()
+    for f in range(len(NAMES)):
+        for rank in range(2):
+            torch.testing.assert_close(shards[rank][f], ram.rows.weights(f)[rank::2], rtol=0, atol=1e-6)
+    assert (tmp_path / "rows" / "rank-1-of-2" / "rows.bin").exists()
+
+
+@pytest.mark.slow
+def test_two_ray_workers_train_like_one_process_in_ram(tiny_root, ray_cluster, tmp_path):
+    """Two Ray workers, each prefetching and caching the rows it owns, against hash in one process."""
+    from recmem.train.distributed import train_ray
+
+    common = ["train.max_steps=16", "tracking.enabled=false", "ray.cpus_per_worker=0.5"]
+    ram = train_local(tiny_config(tiny_root, tmp_path / "ram", "model.tables.0.kind=hash",
+                                  "model.tables.0.num_embeddings=64", "ray.enabled=false", *common))
+    disk = train_ray(tiny_config(tiny_root, tmp_path / "ray", *_ssd(tmp_path / "rows"), "ray.num_workers=2", *common))
+    assert disk.step == ram.step == 16
+    assert disk.metrics["valid/auc"] == pytest.approx(ram.metrics["valid/auc"], abs=0.002)
+    assert disk.metrics["valid/logloss"] == pytest.approx(ram.metrics["valid/logloss"], abs=1e-3)
+    assert all((tmp_path / "rows" / f"rank-{r}-of-2" / "rows.bin").exists() for r in range(2))

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig
-from recmem.tables.base import Evictable
+from recmem.tables.base import Evictable, Prefetchable
 from recmem.tables.fused import FusedRowwiseAdagrad
 
 # Rows generated at a time when a shard reproduces the unsharded table's initial values.
@@ -251,10 +251,46 @@ class EvictableShardedTable(ShardedTable):
         return self.shard.evict(now)
 
 
+class PrefetchingShardedTable(ShardedTable):
+    """A sharded table whose shard prefetches (``ssd``): each worker prefetches the rows it owns.
+
+    A batch's keys travel to their owners as a lookup's do (one all-to-all, so every worker must
+    prefetch the same batches in the same order, as the loop's lookahead does on every rank); each
+    owner pins the rows asked of it by any worker.
+    """
+
+    def prefetch(self, features: KeyedJaggedTensor) -> object:
+        """Send the keys of an upcoming local batch to their owners; returns the owner's ticket for
+        the keys every worker sent it."""
+        pairs, _, _ = _unique_per_feature(self.router(features), features.length_per_key())  # [U, 2]
+        owners = self.router.owners(pairs[:, 1], self.world_size)
+        order = torch.argsort(owners, stable=True)
+        send = torch.bincount(owners, minlength=self.world_size)
+        recv = _exchange(send, [1] * self.world_size, [1] * self.world_size, self.group).tolist()
+        send = send.tolist()
+        received = _exchange(pairs[order].flatten(), [2 * n for n in send], [2 * n for n in recv], self.group)
+        feature, key = received.view(-1, 2).unbind(1)  # [R] each
+        by_feature = torch.argsort(feature, stable=True)
+        per_feature = torch.bincount(feature, minlength=len(self.feature_names)).tolist()
+        keys = KeyedJaggedTensor(keys=self.feature_names, values=key[by_feature],
+                                 lengths=torch.tensor(per_feature, dtype=torch.int64), stride=1)
+        return self.shard.prefetch(keys)
+
+    def release(self, ticket: object) -> None:
+        """Unpin the rows the shard pinned for one batch."""
+        self.shard.release(ticket)
+
+
+class EvictablePrefetchingShardedTable(EvictableShardedTable, PrefetchingShardedTable):
+    """A sharded table whose shard both ages rows and prefetches them."""
+
+
 def sharded_table(feature_names: list[str], embedding_dim: int, parts: KindShard,
                   group: dist.ProcessGroup) -> ShardedTable:
     """Wrap a kind's router and shard, keeping the optional capabilities the shard has."""
-    cls = EvictableShardedTable if isinstance(parts.shard, Evictable) else ShardedTable
+    classes = {(False, False): ShardedTable, (True, False): EvictableShardedTable,
+               (False, True): PrefetchingShardedTable, (True, True): EvictablePrefetchingShardedTable}
+    cls = classes[isinstance(parts.shard, Evictable), isinstance(parts.shard, Prefetchable)]
     return cls(feature_names, embedding_dim, parts.router, parts.shard, group)
 
 

@@ -23,6 +23,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recmem.config import POSITIVE, ConfigError, Range, TableConfig, checked, from_dict
 from recmem.lock import LockedError
 from recmem.tables.base import ServingForm, check_width
+from recmem.tables.hash import ModRouter
+from recmem.tables.sharded import KindShard
 from recmem.tables.ssd.cache import CacheTooSmall, RowCache
 from recmem.tables.ssd.store import RowStore, StoreError
 
@@ -61,15 +63,20 @@ class SSDTable(torch.nn.Module):
         cache_rows: slots in RAM.
         seed: seeds the initial rows (as ``FusedRowwiseAdagrad`` with this seed draws them).
         io_threads, direct_io: as in :class:`SSDOptions`.
+        rank, world_size: hold only the rows worker ``rank`` of ``world_size`` owns in the ID-sharded
+            path (rows ``k`` with ``k mod W == rank``, at local row ``k // W``); a forward then gets
+            those row numbers, not raw IDs (``recmem/tables/sharded.py``).
     """
 
     def __init__(self, feature_names: list[str], num_embeddings: int, embedding_dim: int, learning_rate: float,
                  path: str | Path, cache_rows: int, seed: int = 0, io_threads: int = 16,
-                 direct_io: bool = False) -> None:
+                 direct_io: bool = False, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
         self.feature_names = list(feature_names)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        store = RowStore(path, [num_embeddings] * len(feature_names), embedding_dim, seed, io_threads, direct_io)
+        self.num_embeddings, self.embedding_dim, self.world_size = num_embeddings, embedding_dim, world_size
+        store = RowStore(path, [num_embeddings] * len(feature_names), embedding_dim, seed, io_threads, direct_io,
+                         rank, world_size)
+        self._local_rows = store.rows[0] if store.rows else 0
         # Not a submodule: the cached rows belong to the disk and are written back at each checkpoint;
         # the state dict carries the row map (get_extra_state), never a copy of the rows.
         object.__setattr__(self, "cache", RowCache(store, cache_rows, learning_rate))
@@ -81,25 +88,27 @@ class SSDTable(torch.nn.Module):
                     output_dim: int | None = None) -> "SSDTable":
         """Build from a table block: ``num_embeddings`` rows per feature, knobs in ``options``."""
         check_width(cfg, where, output_dim)
-        if cfg.num_embeddings < 1:
-            raise ConfigError(f"{where}.num_embeddings: the ssd kind needs rows per table (> 0)")
-        o = from_dict(SSDOptions, cfg.options, f"{where}.options")
-        try:
-            return cls(feature_names, cfg.num_embeddings, cfg.embedding_dim, cfg.learning_rate, o.path,
-                       o.cache_rows, seed, o.io_threads, o.direct_io)
-        except ValueError as e:
-            raise ConfigError(f"{where}.embedding_dim: {e}") from None
-        except (OSError, StoreError, LockedError) as e:
-            raise ConfigError(f"{where}.options.path: {e}") from None
+        return _build(cls, cfg, feature_names, seed, where)
+
+    @classmethod
+    def shard_from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path,
+                          where: str, rank: int, world_size: int) -> KindShard:
+        """Worker ``rank``'s part for the ID-sharded path: rows routed ``id mod n``, row k owned by worker
+        ``k mod W`` (as a sharded ``hash`` table), kept in ``<path>/rank-<r>-of-<W>`` behind a cache of
+        ``cache_rows / W`` rows."""
+        shard = _build(cls, cfg, feature_names, seed, where, rank, world_size)
+        return KindShard(router=ModRouter(cfg.num_embeddings), shard=shard)
 
     def _rows(self, features: KeyedJaggedTensor) -> np.ndarray:
-        """[N] global row of each ID: feature f's table starts at row f * num_embeddings."""
+        """[N] row of each ID in the store: feature f's rows start at f * (its rows here)."""
         if features.keys() != self.feature_names:
             raise ValueError(f"expected features {self.feature_names}, got {features.keys()}")
         local = torch.remainder(features.values(), self.num_embeddings)
+        if self.world_size > 1:
+            local = torch.div(local, self.world_size, rounding_mode="floor")
         feature = torch.repeat_interleave(torch.arange(len(self.feature_names)),
                                           torch.tensor(features.length_per_key()))
-        return (feature * self.num_embeddings + local).numpy()
+        return (feature * self._local_rows + local).numpy()
 
     def prefetch(self, features: KeyedJaggedTensor) -> np.ndarray:
         """Pin the rows of an upcoming batch and start reading the missing ones; returns the ticket
@@ -161,7 +170,7 @@ class SSDTable(torch.nn.Module):
         """Per feature: all its rows, read from disk once the dirty ones are written back, looked up
         by ``id mod num_embeddings``."""
         self.cache.flush()
-        n = self.num_embeddings
+        n = self._local_rows
         return [ServingForm("modulo", {"rows": torch.from_numpy(
                     self.cache.store.read(np.arange(f * n, (f + 1) * n, dtype=np.int64))[:, :-1].copy())})
                 for f in range(len(self.feature_names))]
@@ -182,3 +191,19 @@ class SSDTable(torch.nn.Module):
         self.cache.clear()
         self._demand = None
         self.cache.store.restore(state)
+
+
+def _build(cls: type[SSDTable], cfg: TableConfig, feature_names: list[str], seed: int, where: str,
+           rank: int = 0, world_size: int = 1) -> SSDTable:
+    """A table (or worker ``rank``'s part of one) from a config block; errors name the key."""
+    if cfg.num_embeddings < 1:
+        raise ConfigError(f"{where}.num_embeddings: the ssd kind needs rows per table (> 0)")
+    o = from_dict(SSDOptions, cfg.options, f"{where}.options")
+    path = Path(o.path) if world_size == 1 else Path(o.path) / f"rank-{rank}-of-{world_size}"
+    try:
+        return cls(feature_names, cfg.num_embeddings, cfg.embedding_dim, cfg.learning_rate, path,
+                   max(-(-o.cache_rows // world_size), 1), seed, o.io_threads, o.direct_io, rank, world_size)
+    except ValueError as e:
+        raise ConfigError(f"{where}.embedding_dim: {e}") from None
+    except (OSError, StoreError, LockedError) as e:
+        raise ConfigError(f"{where}.options.path: {e}") from None

@@ -51,17 +51,21 @@ class RowStore:
 
     Args:
         folder: where ``rows.bin`` and ``meta.json`` live (made if missing).
-        rows: rows of each table, stored back to back.
+        rows: rows of each (whole) table, stored back to back.
         embedding_dim: D.
         seed: the initial rows are ``FusedRowwiseAdagrad(rows, D, lr, seed)``'s, replayed in chunks.
         io_threads: reads and writes in flight at once.
         direct_io: read with O_DIRECT (the page cache neither helps nor fills).
+        rank, world_size: store only rows ``rank, rank + W, ...`` of each table (an ID-sharded
+            worker's part, local row ``k // W``), with the whole table's initial values.
     """
 
     def __init__(self, folder: str | Path, rows: list[int], embedding_dim: int, seed: int,
-                 io_threads: int = 16, direct_io: bool = False) -> None:
+                 io_threads: int = 16, direct_io: bool = False, rank: int = 0, world_size: int = 1) -> None:
         self.folder = Path(folder)
-        self.rows, self.embedding_dim, self.seed = list(rows), embedding_dim, seed
+        self.global_rows, self.embedding_dim, self.seed = list(rows), embedding_dim, seed
+        self.rank, self.world_size = rank, world_size
+        self.rows = [len(range(rank, n, world_size)) for n in rows]
         self.record = embedding_dim + 1  # floats per record
         self.per_block = BLOCK // (4 * self.record)
         if self.per_block < 1:
@@ -83,7 +87,8 @@ class RowStore:
         self.bytes_read = self.bytes_written = 0
 
     def _layout(self) -> dict:
-        return {"format": FORMAT, "rows": self.rows, "embedding_dim": self.embedding_dim, "seed": self.seed}
+        return {"format": FORMAT, "rows": self.global_rows, "embedding_dim": self.embedding_dim, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size}
 
     def _open_meta(self) -> dict:
         """Reuse a file made for this layout, else make one (initial region written, nothing restorable)."""
@@ -103,7 +108,8 @@ class RowStore:
         """Region 0 from the seeded stream, block by block; regions 1 and 2 left sparse."""
         with open(self.path, "wb") as f:
             pending = np.zeros((0, self.record), dtype=np.float32)
-            for _, _, chunk in initial_rows(self.rows, self.embedding_dim, self.seed):
+            for _, start, chunk in initial_rows(self.global_rows, self.embedding_dim, self.seed):
+                chunk = chunk[(self.rank - start) % self.world_size::self.world_size]  # this rank's rows
                 records = np.zeros((len(chunk), self.record), dtype=np.float32)
                 records[:, :self.embedding_dim] = chunk.numpy()
                 pending = np.concatenate([pending, records])

@@ -1,0 +1,45 @@
+"""SSD-offloaded tables: the same DLRM with its tables in RAM, on disk, and on disk with prefetch.
+
+    python jobs/bench_ssd.py                  # 26 tables x 800k rows (20.8M rows x dim 16), cache 10%, batch 4096
+    python jobs/bench_ssd.py --quick          # tiny sizes, seconds (the smoke test)
+    python jobs/bench_ssd.py --rows 200000 --folder /mnt/nvme/tmp
+
+Needs 3 x rows x tables x (dim + 1) x 4 bytes free under --folder (the system's temporary folder by
+default; ~4.3 GB at the defaults). Prints the CPU's capability, the disk's random-read rate, samples/s,
+hit rates, misses per step and prefetch wait of each variant, the targets, peak RSS, then one JSON line.
+What is measured how: ``recmem/bench/ssd.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from recmem.bench.ssd import QUICK, SSDBenchOptions, report, run_ssd_bench
+
+
+def parse_options(argv: list[str] | None = None) -> SSDBenchOptions:
+    """Flags over the defaults (or over the ``--quick`` sizes)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="What each option means: SSDBenchOptions in recmem/bench/ssd.py.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes that run in seconds")
+    for f in dataclasses.fields(SSDBenchOptions):
+        kind = {"cache_fraction": float, "folder": str}.get(f.name, int)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind,
+                       help=f"default {f.default!r} ({getattr(QUICK, f.name)!r} with --quick)")
+    args = vars(p.parse_args(argv))
+    base = QUICK if args.pop("quick") else SSDBenchOptions()
+    return dataclasses.replace(base, **{k: v for k, v in args.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print the report, then the JSON line."""
+    opts = parse_options(argv)
+    text, record = report(run_ssd_bench(opts), opts)
+    print(text)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
