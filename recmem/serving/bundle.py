@@ -27,8 +27,11 @@ Deltas (:meth:`Bundle.apply_delta`) change rows of a loaded bundle; the online l
                                                             #   collisionless) or row numbers in
                                                             #   [0, n) (hash: id mod n)
                               "rows": [[float] * D, ...],   # one fp32 row per id, quantized as the bundle
-                              "deleted": [int, ...]}},      # IDs to drop (keyed kinds only): they
+                              "deleted": [int, ...],        # IDs to drop (keyed kinds only): they
                                                             #   answer the default from then on
+                              "replace": false}},           # true: ids are all the table's IDs,
+                                                            #   every other one is dropped (a full
+                                                            #   resend; keyed kinds)
      "dense": {"<parameter name>": [[float, ...], ...]}}    # optional: new dense values, same shapes
 
 A delta whose ``base_version`` is not this bundle's version is a :class:`DeltaConflict`; one that
@@ -238,11 +241,16 @@ def _float_rows(x: Any, count: int, width: int, where: str) -> torch.Tensor:
 
 
 def _changed_lookup(lookup: Lookup, change: Any, where: str) -> Lookup:
-    if not isinstance(change, dict) or set(change) - {"ids", "rows", "deleted"}:
-        raise InputError(f"{where} must be an object with ids, rows and deleted")
+    if not isinstance(change, dict) or set(change) - {"ids", "rows", "deleted", "replace"}:
+        raise InputError(f"{where} must be an object with ids, rows, deleted and replace")
     ids = _int_list(change.get("ids", []), f"{where}.ids")
     rows = _float_rows(change.get("rows", []), len(ids), lookup.rows.width, f"{where}.rows")  # stored width
     deleted = _int_list(change.get("deleted", []), f"{where}.deleted")
+    replace = change.get("replace", False)
+    if not isinstance(replace, bool) or (replace and deleted.numel()):
+        raise InputError(f"{where}.replace must be true or false, and true comes without deleted")
+    if replace and lookup.kind == "keyed":  # every ID the delta does not list goes
+        deleted = lookup.keys[~torch.isin(lookup.keys, ids)]
     if bool(torch.isin(ids, deleted).any()):
         raise InputError(f"{where}: an ID is both updated and deleted")
     if lookup.kind != "keyed":
