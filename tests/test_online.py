@@ -60,6 +60,7 @@ def test_windows_train_once_each_and_resume_mid_file(stream, tmp_path):
     whole = run_online(online_config(root, tmp_path / "whole", landing, "online.window_rows=250"), say=lambda _: None)
     assert whole.windows == 9 and whole.rows == 3 * FILE_ROWS  # 250 + 250 + 100 per file
     assert whole.offsets == {n: FILE_ROWS for n in names}
+    assert all(h["rows_live"] > 0 for h in whole.history)  # collisionless rows, counted per window
     assert [(h["key"], h["rows"]) for h in whole.history[:3]] == [(names[0], 250), (names[0], 250), (names[0], 100)]
     # Stopped after 4 windows (mid-file), then resumed: the same model as the run that never stopped.
     part = online_config(root, tmp_path / "split", landing, "online.window_rows=250")
@@ -264,3 +265,72 @@ def test_delta_of_k_touched_rows_of_a_10m_row_table_holds_k_rows(tmp_path):
         delta = publisher.delta("base", "next", dense=False)
         assert len(delta["tables"]["C1"]["ids"]) == k and delta["tables"]["C1"]["deleted"] == []
         publisher.discard()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_delta_then_sigterm_keep_the_server_whole(stream, tmp_path):
+    """A loop pushing to a real server over HTTP is killed while the server handles its delta
+    (the server applies it: the loop died, the server moved on), restarted, stopped by SIGTERM after
+    a commit (exit 0, whole windows only), restarted again: the server ends equal to the final
+    checkpoint, every file trained once."""
+    from recmem.export.check import probe_batch
+    from recmem.serve.http import ModelHTTPServer
+    from recmem.serve.service import ModelService, Served
+    from recmem.serving import load_bundle
+    from recmem.train.loop import build_job_model
+
+    root, table = stream
+    landing = tmp_path / "landing"
+    names = land(landing, table, 4)
+    work = tmp_path / "w"
+    tables = ["model.tables.0.options.track_changes=true", "online.sync_interval_s=0", "online.dense_every=1"]
+    cfg = online_config(root, work, landing, *tables)
+    procs: list[subprocess.Popen] = []
+    deltas: list[int] = []
+
+    class KillingService(ModelService):
+        def delta(self, body: bytes):
+            deltas.append(len(body))
+            if len(deltas) == 2:  # the loop dies while its delta is in the server's hands
+                procs[-1].kill()
+            return super().delta(body)
+
+    service = KillingService("m", Served(load_bundle(initial_bundle(cfg, tmp_path / "bundles"))))
+    server = ModelHTTPServer(("127.0.0.1", 0), service)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.port}"
+    command = [sys.executable, "-m", "recmem.cli", "online",
+               *tiny_overrides(root, work, f"online.landing={landing}", "online.idle_exit_s=1",
+                               "online.poll_interval_s=0.05", *COLLISIONLESS, *tables, f"online.endpoints=[{endpoint}]")]
+    try:
+        procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        assert procs[-1].wait(timeout=120) == -signal.SIGKILL
+        names += land(landing, table, 2, first=4)
+        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        committed = len(deltas)
+        deadline = time.monotonic() + 120
+        while len(deltas) == committed and time.monotonic() < deadline:  # its first push (a full resend)
+            time.sleep(0.01)
+        procs[-1].send_signal(signal.SIGTERM)
+        out, err = procs[-1].communicate(timeout=120)
+        assert procs[-1].returncode == 0, err[-2000:]
+        stopped_at = int(out.split("recmem online: ")[-1].split(" windows")[0])
+        assert stopped_at < 6  # it stopped on SIGTERM, not for lack of files
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        server.shutdown()
+        server.server_close()
+    state = final_state(work)
+    assert state["online"]["offsets"] == {n: FILE_ROWS for n in names} and state["step"] == 6 * 3
+    model = build_job_model(cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    probe = probe_batch(cfg)
+    with torch.no_grad():
+        expected = model(probe)
+    got = served_logits(service, probe, list(cfg.data.schema.sparse))
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())

@@ -170,10 +170,10 @@ def _score_then_train(session: Any, window: Window, cfg: Config) -> dict[str, An
     if newest is not None:
         for table in session.evictable:  # expiry runs on data time: the newest event trained
             table.evict(newest)
-    stats = session.model.tables.stats()
+    live = [v for k, v in session.model.tables.stats().items() if k.endswith("/rows_live")]
     return {"key": window.key, "rows": window.table.num_rows, "auc": scored["online/auc"],
             "logloss": scored["online/logloss"], "newest_time": newest,
-            "rows_live": stats.get("rows_live", math.nan)}
+            "rows_live": sum(live) if live else math.nan}
 
 
 def _status(record: dict[str, Any], rows: int, seconds: float) -> str:

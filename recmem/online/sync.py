@@ -18,10 +18,10 @@ The first push to an endpoint in a run, and any push the endpoint refuses with 4
 version: restarted, rolled back, or fed by another loop), is a *full resend* instead: every live row
 and the dense weights, based on the version the endpoint reports at ``GET /health``. A crash between
 the checkpoint and the push therefore costs nothing: the restarted loop's first push is a full
-resend. The server applies each delta atomically, so it answers from the old version or the new one,
-never a mix. A full resend cannot delete IDs the loop never had: serve a bundle of this model's
-lineage (``recmem export`` of an online checkpoint) to start clean. A ``full`` table's shared
-out-of-vocabulary row is not a keyed row and travels with snapshots only.
+resend. A full resend replaces each keyed table's IDs (``replace``: IDs the server holds and the
+model no longer has are dropped), so it also repairs a server that missed deletions. The server
+applies each delta atomically, so it answers from the old version or the new one, never a mix. A
+``full`` table's shared out-of-vocabulary row is not a keyed row and travels with snapshots only.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class DeltaPublisher:
         for name, form in zip(self.features, self.model.tables.to_serving()):
             t = form.tensors
             ids = t["keys"] if form.lookup == "keyed" else torch.arange(len(t["rows"]))
-            tables[name] = {"ids": ids.tolist(), "rows": t["rows"].tolist(), "deleted": []}
+            tables[name] = {"ids": ids.tolist(), "rows": t["rows"].tolist(), "replace": form.lookup == "keyed"}
         return {"base_version": base, "version": version, "tables": tables, "dense": dense_weights(self.model)}
 
     def _push(self, endpoint: str, version: str, dense: bool) -> tuple[int, int] | None:
