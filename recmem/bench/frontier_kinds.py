@@ -180,14 +180,18 @@ def _min_count_ladder(budget: Budget) -> list[int]:
 def size_qr(budget: Budget) -> Sizing:
     """Quotient-remainder (mult): the vocabulary costs 8 bytes per ID, so the smallest ``min_count``
     of 1, 2, 4, ... whose tables fit at the most useful collisions keeps a vocabulary; the IDs it
-    drops are hashed into as many row numbers as they were on average per feature (``oov_buckets``);
-    then the smallest ``collisions`` that fits. A feature of R row numbers stores R / c + c rows,
+    drops are hashed into as many row numbers as they were on average per feature (``oov_buckets``,
+    at most the (rows / 2)^2 a feature's share of the target could compose); then the smallest
+    ``collisions`` that fits. A feature of R row numbers stores R / c + c rows,
     least at c = sqrt(R): collisions are searched up to the square root of the largest R."""
     counts, features = budget.counts(), len(budget.cfg.data.schema.sparse)
 
+    # a feature of R row numbers stores at least 2 sqrt(R) rows: more tail buckets than fit so cannot pay off
+    rows_each = budget.target // (features * 4 * (budget.base.embedding_dim + 1))
+
     def make_with(m: int) -> tuple[Callable[[int], list[TableConfig]], int]:
         tail = sum(int((c < m).sum()) for c in counts) if m > 1 else 0
-        buckets = max(1, tail // features)
+        buckets = max(1, min(tail // features, (rows_each // 2) ** 2))
         widest = math.isqrt(max(int((c >= m).sum()) for c in counts) + buckets) + 1
         options = {"min_count": m, "oov_buckets": buckets, "threshold": 0}  # only features of R <= c stay full
         return (lambda c: [budget.block("qr", options={**options, "collisions": c})]), widest
