@@ -310,7 +310,11 @@ class OnlineConfig:
     loop polls every ``poll_interval_s``; it exits after ``idle_exit_s`` idle seconds (0: never) or
     ``max_windows`` windows (0: no limit). ``endpoints`` are model servers (``http://host:port``) that
     get a row delta at most every ``sync_interval_s`` seconds (0: after every window), with the dense
-    weights in every ``dense_every``-th delta (the first always has them).
+    weights in every ``dense_every``-th delta (the first always has them). Every ``snapshot_every``
+    windows (0: never) the newest checkpoint is registered as a version of ``register_as``, which
+    becomes ``champion`` only if, on the last ``guardrail_windows`` windows, its AUC is at most
+    ``max_auc_drop`` below the champion's and its calibration lies in ``calibration_range``
+    ``[low, high]``; else serving is rolled back to the champion (``recmem/online/snapshot.py``).
     """
 
     landing: str = "runs/landing"
@@ -322,6 +326,11 @@ class OnlineConfig:
     endpoints: list[str] = field(default_factory=list)
     sync_interval_s: float = checked(1.0, NON_NEGATIVE)
     dense_every: int = checked(10, POSITIVE)
+    register_as: str = ""
+    snapshot_every: int = checked(0, NON_NEGATIVE)
+    guardrail_windows: int = checked(5, POSITIVE)
+    max_auc_drop: float = checked(0.005, FRACTION)
+    calibration_range: list[float] = checked(factory=lambda: [0.8, 1.25], allowed=POSITIVE)
 
 
 @dataclass
@@ -597,6 +606,15 @@ def _broken_rules(cfg: Config) -> Iterator[str]:
                "'_', '-', '.' or spaces, at most 256, starting with a letter or digit)")
     if cfg.train.register_as and not cfg.tracking.enabled:
         yield "train.register_as: registering needs MLflow (tracking.enabled=true)"
+    o = cfg.online
+    if o.register_as and not MODEL_NAME.fullmatch(o.register_as):
+        yield f"online.register_as: {o.register_as[:80]!r} cannot name a registered model (as train.register_as)"
+    if o.register_as and not cfg.tracking.enabled:
+        yield "online.register_as: registering needs MLflow (tracking.enabled=true)"
+    if o.snapshot_every and not o.register_as:
+        yield "online.snapshot_every: snapshots are registered versions; set online.register_as"
+    if len(o.calibration_range) != 2 or o.calibration_range[0] > o.calibration_range[1]:
+        yield f"online.calibration_range: {o.calibration_range} must be [low, high] with low <= high"
     if len(cfg.data.raw.delimiter) != 1:
         yield f"data.raw.delimiter: {cfg.data.raw.delimiter!r} must be one character"
 

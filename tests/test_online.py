@@ -3,6 +3,7 @@ exactly-once progress through crashes (SIGKILL at several points, then file acco
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -187,7 +188,6 @@ def test_deltas_keep_a_server_equal_to_the_trained_model(stream, tmp_path, kind)
     """Deltas after each commit (a server swapped to another version meanwhile gets a full resend),
     and the server answers as the final checkpoint does; evicted IDs are deleted there too."""
     from recmem.export.check import probe_batch
-    from recmem.online.sync import DeltaPublisher
     from recmem.serve.service import ModelService, Served
     from recmem.serving import load_bundle
     from recmem.train.loop import build_job_model
@@ -202,21 +202,17 @@ def test_deltas_keep_a_server_equal_to_the_trained_model(stream, tmp_path, kind)
     start = load_bundle(initial_bundle(cfg, tmp_path / "bundles"))
     service = ModelService("m", Served(start))
 
+    deltas = []
+
     def post(url: str, body: bytes) -> tuple[int, dict]:
-        return service.health() if url.endswith("/health") else service.delta(body)
-
-    records: list[dict] = []
-    publisher = None
-
-    def publish(session, windows):
-        nonlocal publisher
-        publisher = publisher or DeltaPublisher(cfg, session.model, say=lambda _: None, post=post)
-        if windows == 3:  # the server restarts from its first bundle: the next delta no longer applies
+        if url.endswith("/health"):
+            return service.health()
+        deltas.append(url)
+        if len(deltas) == 3:  # the server restarts from its first bundle: this delta no longer applies
             service.swap(Served(start))
-        records.append(publisher(session, windows))
-        return records[-1]
+        return service.delta(body)
 
-    run_online(cfg, say=lambda _: None, publisher=publish)
+    records = run_online(cfg, say=lambda _: None, post=post).history
     assert [r["delta_full"] for r in records] == [1, 0, 1, 0]  # the first push, and the one the swap refused
     assert all(r["delta_failures"] == 0 for r in records)
     assert all(r["delta_rows"] > 0 for r in records)
@@ -334,3 +330,70 @@ def test_sigkill_mid_delta_then_sigterm_keep_the_server_whole(stream, tmp_path):
         expected = model(probe)
     got = served_logits(service, probe, list(cfg.data.schema.sparse))
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+
+
+@pytest.mark.slow
+def test_snapshots_move_champion_only_past_the_guardrail_and_roll_serving_back(stream, tmp_path):
+    """Windows 1-2 make version 1 the champion; windows 3-4 hold no click, so version 2's calibration
+    fails the guardrail: champion stays at 1, the reason is tagged, the server gets version 1 back in
+    full, and window 5 pushes no delta over it."""
+    from recmem.online.snapshot import GUARDRAIL_TAG
+    from recmem.registry import alias_version, registry_client
+    from recmem.serve.service import ModelService, Served
+    from recmem.serving import load_bundle
+
+    root, table = stream
+    landing = tmp_path / "landing"
+    land(landing, table, 2)
+    no_clicks = table.set_column(table.schema.get_field_index("label"), "label",
+                                 pa.array(torch.zeros(table.num_rows).numpy()))
+    land(landing, no_clicks, 2, first=2)
+    land(landing, table, 1, first=4)
+    work = tmp_path / "w"
+    cfg = online_config(root, work, landing, "model.tables.0.options.track_changes=true", "tracking.enabled=true",
+                        "online.register_as=ctr", "online.snapshot_every=2", "online.guardrail_windows=2",
+                        "online.endpoints=[http://fake]", "online.sync_interval_s=0", "online.dense_every=1")
+    service = ModelService("m", Served(load_bundle(initial_bundle(cfg, tmp_path / "bundles"))))
+    posts: list[str] = []
+
+    def post(url: str, body: bytes) -> tuple[int, dict]:
+        posts.append(url)
+        return service.health() if url.endswith("/health") else service.delta(body)
+
+    lines: list[str] = []
+    result = run_online(cfg, say=lines.append, post=post)
+    uri = f"sqlite:///{work}/mlflow.db"
+    assert [h.get("guardrail_passed") for h in result.history] == [None, 1.0, None, 0.0, None]
+    assert alias_version("ctr", "champion", uri) == "1"
+    reason = registry_client(uri).get_model_version("ctr", "2").tags[GUARDRAIL_TAG]
+    assert "calibration" in reason
+    champion = load_bundle(next((work / "serving").glob("ctr-v1/artifacts/bundle")))
+    assert service.served.bundle.version == champion.version  # rolled back, nothing pushed after
+    assert "delta_version" in result.history[3] and "delta_version" not in result.history[4]
+    assert any("stays a candidate" in line for line in lines)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["online.snapshot_every=3"], "online.snapshot_every: snapshots are registered versions"),
+    (["online.register_as=a/b"], "online.register_as: 'a/b' cannot name a registered model"),
+    (["online.register_as=ctr", "tracking.enabled=false"], "registering needs MLflow"),
+    (["online.calibration_range=[1.2,0.9]"], "online.calibration_range: [1.2, 0.9] must be [low, high]"),
+    (["online.window_rows=-1"], "online.window_rows: -1 is out of range"),
+    (["online.poll_interval_s=0"], "online.poll_interval_s: 0.0 is out of range"),
+])
+def test_online_config_errors_name_the_key(overrides, message):
+    from recmem.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_deltas_refuse_tables_they_cannot_carry(stream, tmp_path):
+    from recmem.config import ConfigError
+    from recmem.online.sync import DeltaPublisher
+    from recmem.train.loop import build_job_model
+
+    root, _ = stream
+    cfg = online_config(root, tmp_path, tmp_path / "landing", "online.endpoints=[http://x]")
+    with pytest.raises(ConfigError, match=r"model\.tables\.0\.options\.track_changes: must be true"):
+        DeltaPublisher(cfg, build_job_model(cfg))

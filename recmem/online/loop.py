@@ -8,6 +8,7 @@ Per window (a landed file, or ``online.window_rows`` rows of one)::
       -> expire rows idle past the TTL at the window's newest event time (data time)
       -> checkpoint {model, optimizer, offsets} in one atomic file: the commit
       -> publish a row delta of what that checkpoint holds (``sync.py``), on its interval
+      -> on its schedule, register a snapshot; move ``champion`` only past the guardrail (``snapshot.py``)
 
 Exactly once: the offsets consumed are saved in the same file as the model and optimizer state
 (``TrainingSession.checkpoint``), so every checkpoint is a model *and* the rows it has trained.
@@ -87,7 +88,8 @@ class StopFlag:
 
 
 def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
-               source: StreamSource | None = None, publisher: Any = None) -> OnlineResult:
+               source: StreamSource | None = None,
+               post: Callable[[str, bytes], tuple[int, dict]] | None = None) -> OnlineResult:
     """Follow ``cfg.online``'s stream until stopped (or idle for ``online.idle_exit_s``, or after
     ``online.max_windows`` windows), training each window after scoring it.
 
@@ -98,8 +100,10 @@ def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
             from the main thread).
         source: the stream; default: :class:`~recmem.online.source.LandingDirectory` of
             ``online.landing``.
-        publisher: called as ``publisher(session, window_count)`` after each commit (delta sync);
-            default: ``sync.DeltaPublisher`` when ``online.endpoints`` is set.
+        post: how deltas reach ``online.endpoints`` (``sync.http_post`` by default; tests pass a
+            server's own methods). Deltas (``sync.DeltaPublisher``) go out when ``online.endpoints``
+            is set; snapshots (``snapshot.Snapshotter``) follow when ``online.register_as`` and
+            ``online.snapshot_every`` are set.
 
     Raises:
         ResumeError: the newest checkpoint was written for another model config or stream.
@@ -122,10 +126,16 @@ def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
         offsets, windows, rows = dict(done["offsets"]), int(done["windows"]), int(done["rows"])
         if session.resumed is not None:
             say(f"recmem online: resumed from {store.loaded_from}: {windows} windows, {rows:,} rows committed")
-        if publisher is None and o.endpoints:
+        publisher = None
+        if o.endpoints:
             from recmem.online.sync import DeltaPublisher
 
-            publisher = DeltaPublisher(cfg, model, say)
+            publisher = DeltaPublisher(cfg, model, say, post)
+        snapshots = None
+        if o.register_as and o.snapshot_every:
+            from recmem.online.snapshot import Snapshotter
+
+            snapshots = Snapshotter(cfg, say, publisher)
         result = OnlineResult(windows, rows, offsets)
         idle_since, started = time.monotonic(), time.monotonic()
         while not stop and not (o.max_windows and windows >= o.max_windows):
@@ -135,7 +145,7 @@ def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
                     break
                 stop.wait(o.poll_interval_s)
                 continue
-            record = _score_then_train(session, window, cfg)
+            batches, record = _score_then_train(session, window, cfg)
             offsets[window.key] = window.end
             windows, rows = windows + 1, rows + window.table.num_rows
             progress = {"online": {"offsets": dict(offsets), "windows": windows, "rows": rows}}
@@ -144,6 +154,8 @@ def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
                           if record["newest_time"] is not None else math.nan)
             if publisher is not None:
                 record.update(publisher(session, windows))
+            if snapshots is not None:
+                record.update(snapshots(batches, record, windows))
             session.log.log_metrics({f"online/{k}": float(v) for k, v in record.items()
                                      if isinstance(v, (int, float)) and k != "newest_time"}, session.step)
             result.history.append(record)
@@ -157,8 +169,8 @@ def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
     return result
 
 
-def _score_then_train(session: Any, window: Window, cfg: Config) -> dict[str, Any]:
-    """Score ``window`` with the model as it stands, then train on it; the window's figures."""
+def _score_then_train(session: Any, window: Window, cfg: Config) -> tuple[list, dict[str, Any]]:
+    """Score ``window`` with the model as it stands, then train on it; its batches and figures."""
     from recmem.train.loop import evaluate
 
     batches = list(window.batches(cfg.data.schema, cfg.data.batch_size))
@@ -171,9 +183,9 @@ def _score_then_train(session: Any, window: Window, cfg: Config) -> dict[str, An
         for table in session.evictable:  # expiry runs on data time: the newest event trained
             table.evict(newest)
     live = [v for k, v in session.model.tables.stats().items() if k.endswith("/rows_live")]
-    return {"key": window.key, "rows": window.table.num_rows, "auc": scored["online/auc"],
-            "logloss": scored["online/logloss"], "newest_time": newest,
-            "rows_live": sum(live) if live else math.nan}
+    return batches, {"key": window.key, "rows": window.table.num_rows, "auc": scored["online/auc"],
+                     "logloss": scored["online/logloss"], "calibration": scored["online/calibration"],
+                     "newest_time": newest, "rows_live": sum(live) if live else math.nan}
 
 
 def _status(record: dict[str, Any], rows: int, seconds: float) -> str:

@@ -72,6 +72,8 @@ class DeltaPublisher:
         self._last_push = -float("inf")
         self._pushes = 0
         self.failures = 0
+        self.paused = False
+        """True after a rollback: changes are collected, nothing is pushed (:meth:`resume`)."""
 
     def __call__(self, session: Any, windows: int) -> dict[str, Any]:
         """After the commit of window ``windows``: collect its changes; push when the interval is up.
@@ -81,6 +83,9 @@ class DeltaPublisher:
             ``delta_seconds``, ``delta_full``, ``delta_failures``), empty when nothing was pushed.
         """
         self.collect()
+        if self.paused:  # serving holds the champion; the next push after resume() is a full resend
+            self.discard()
+            return {}
         if self.clock() - self._last_push < self.interval:
             return {}
         version = f"w{windows}-s{session.step}"
@@ -118,6 +123,26 @@ class DeltaPublisher:
                 deleted.update(gone.tolist())
                 deleted.difference_update(ids.tolist())
                 self._pushed_forms[name] = form.tensors
+
+    def rollback(self, bundle: Any) -> int:
+        """Send every endpoint ``bundle`` in full (``Bundle.full_delta``) and hold back deltas until
+        :meth:`resume`; returns how many endpoints took it."""
+        self.paused, done = True, 0
+        for endpoint in self.endpoints:
+            status, health = self.post(f"{endpoint}/health", b"")
+            if status == 200:
+                status, answer = self.post(f"{endpoint}/delta", _encode(bundle.full_delta(health["version"])))
+            if status == 200:
+                done += 1
+            else:
+                self.say(f"recmem online: {endpoint} did not take the rollback ({status}: {answer.get('error')})")
+            self._held[endpoint] = None  # deltas resume with a full resend
+        return done
+
+    def resume(self) -> None:
+        """Push deltas again (after a rollback), starting with a full resend to every endpoint."""
+        self.paused = False
+        self._held = {e: None for e in self.endpoints}
 
     def discard(self) -> None:
         """Drop the pending changes (they were pushed, or a full resend covers them)."""

@@ -155,6 +155,24 @@ class Bundle:
         dense = sum(t.numel() * t.element_size() for t in (*self._dense.parameters(), *self._dense.buffers()))
         return {"tables": sum(t.nbytes() for t in self._lookups), "dense": dense}
 
+    def full_delta(self, base_version: str) -> dict[str, Any]:
+        """A delta that turns a bundle of version ``base_version`` (same schema and widths) into this
+        one: every table's rows (keyed tables with ``replace``) and every dense weight. What a loop
+        sends to roll a server back to this bundle.
+
+        Raises:
+            ValueError: a table whose lookup a delta cannot rebuild (only keyed and modulo ones).
+        """
+        tables = {}
+        for name, lookup in zip(self._sparse_names, self._lookups):
+            if lookup.kind not in ("keyed", "modulo"):
+                raise ValueError(f"feature {name!r}: a {lookup.kind} lookup cannot be sent as a delta")
+            rows = lookup.rows.dense()  # [n, d] float32
+            ids = lookup.keys if lookup.kind == "keyed" else torch.arange(len(rows))
+            tables[name] = {"ids": ids.tolist(), "rows": rows.tolist(), "replace": lookup.kind == "keyed"}
+        dense = {k: v.tolist() for k, v in self._dense.state_dict().items() if v.is_floating_point()}
+        return {"base_version": base_version, "version": self.version, "tables": tables, "dense": dense}
+
     def apply_delta(self, delta: dict[str, Any]) -> "Bundle":
         """A new bundle with ``delta``'s rows (format in the module docstring); this one is unchanged.
 
