@@ -20,6 +20,7 @@ from recmem.config import ConfigError, TableConfig
 from recmem.data.batch import Batch
 from recmem.lock import LockedError
 from recmem.tables import TableCollection, build_tables
+from recmem.tables.base import Prefetchable
 from recmem.tables.hash import HashTable
 from recmem.tables.ssd import CacheTooSmall, SSDTable, StoreError
 from recmem.train.lookahead import lookahead
@@ -71,7 +72,7 @@ def test_same_weights_as_the_table_in_ram_whatever_the_cache(tmp_path, depth, ca
     _train(ram, batches)
     _train(disk, lookahead(batches, TableCollection([disk], NAMES), depth))
     torch.testing.assert_close(_rows(disk), _rows(ram), rtol=0, atol=1e-6)
-    records = disk.cache.store.read(np.arange(len(NAMES) * ROWS))  # Adagrad state travelled to disk too
+    records = disk.disk.store.read(np.arange(len(NAMES) * ROWS))  # Adagrad state travelled to disk too
     momentum = torch.cat([ram.rows.momentum(t) for t in range(len(NAMES))])
     torch.testing.assert_close(torch.from_numpy(records[:, -1]), momentum, rtol=1e-6, atol=1e-9)
     stats = disk.stats()
@@ -95,9 +96,9 @@ def test_rows_of_the_window_stay_pinned(tmp_path):
     batches = _batches(4)
     disk = SSDTable(NAMES, ROWS, DIM, 0.1, tmp_path / "rows", cache_rows=_window_minimum(batches[:3], 2))
     tickets = [disk.prefetch(b.sparse_features) for b in batches[:3]]
-    pinned = {int(disk.cache.row_of[s]) for t in tickets for s in t}
+    pinned = {int(disk.disk.cache.row_of[s]) for t in tickets for s in t}
     _train(disk, batches[:1])
-    assert {int(disk.cache.row_of[s]) for t in tickets for s in t} == pinned
+    assert {int(disk.disk.cache.row_of[s]) for t in tickets for s in t} == pinned
     with pytest.raises(CacheTooSmall):  # nothing unpinned left for new rows
         disk.prefetch(_batches(1, seed=9)[0].sparse_features)
     disk.close()
@@ -236,3 +237,47 @@ def test_two_ray_workers_train_like_one_process_in_ram(tiny_root, ray_cluster, t
     assert disk.metrics["valid/auc"] == pytest.approx(ram.metrics["valid/auc"], abs=0.002)
     assert disk.metrics["valid/logloss"] == pytest.approx(ram.metrics["valid/logloss"], abs=1e-3)
     assert all((tmp_path / "rows" / f"rank-{r}-of-2" / "rows.bin").exists() for r in range(2))
+
+
+def _collisionless(tmp_path, storage: str):
+    from recmem.tables.collisionless import CollisionlessTable
+
+    options = {"capacity": 150, "initial_rows": 16, "min_count": 2, "ttl": 40, "eviction": "lru"}
+    if storage == "ssd":
+        options.update(storage="ssd", ssd={"path": str(tmp_path / "rows"), "cache_rows": 400})
+    block = TableConfig(kind="collisionless", embedding_dim=DIM, learning_rate=0.1, options=options)
+    return CollisionlessTable.from_config(block, NAMES, 3, tmp_path, "model.tables.0")
+
+
+def test_collisionless_on_disk_admits_expires_and_trains_as_in_ram(tmp_path):
+    """Admission after 2 sightings, LRU at capacity and TTL expiry in data time: the same rows as the
+    table in RAM; expired rows are gone from the disk too; prefetching counts no sighting."""
+    ram, disk = _collisionless(tmp_path, "ram"), _collisionless(tmp_path, "ssd")
+    assert isinstance(disk, Prefetchable) and not isinstance(ram, Prefetchable)
+    batches = _batches(30)
+    counts = disk.slots.stats()
+    for batch in batches[:5]:
+        disk.release(disk.prefetch(batch.sparse_features))
+    assert disk.slots.stats() == counts  # no sighting, no admission
+    window = lookahead(batches, TableCollection([disk], NAMES), 2)
+    weights = torch.randn(BATCH, len(NAMES), DIM, generator=torch.Generator().manual_seed(1))
+    for step, (plain, fetched) in enumerate(zip(batches, window)):
+        for table, batch in ((ram, plain), (disk, fetched)):
+            table.observe_time(step * 10)
+            (table(batch.sparse_features) * weights).sum().backward()
+            if step % 3 == 2:
+                table.evict(step * 10)
+    stats, map_keys = disk.stats(), ("admitted", "rejected", "rejected_full", "expired", "evicted", "rows_live")
+    assert stats["expired"] > 0 and stats["rejected"] > 0 and stats["evicted"] > 0 and stats["cache_hit_rate"] > 0
+    assert {k: stats[k] for k in map_keys} == {k: v for k, v in ram.stats().items() if k in map_keys}
+    for a, b in zip(ram.to_serving(), disk.to_serving()):
+        torch.testing.assert_close(b.tensors["keys"], a.tensors["keys"])
+        torch.testing.assert_close(b.tensors["rows"], a.tensors["rows"], rtol=0, atol=1e-6)
+    store = disk.disk.disk.store
+    live = np.concatenate([f * disk.disk.capacity + disk.slots.live(f)[1] for f in range(len(NAMES))])
+    dead = np.setdiff1d(np.arange(store.num_rows), live)
+    assert (store.where[live] > 0).all() and (store.where[dead] == 0).all()  # expired rows deleted
+    assert not store.read(dead)[:, :DIM].any()
+    state = disk.state_dict()
+    assert "rows.tbe.weights_host" not in state and state["_extra_state"]["disk"]["where"].numel() == store.num_rows
+    disk.disk.disk.close()

@@ -115,7 +115,7 @@ def _model(table: torch.nn.Module, schema: SchemaConfig, cfg: Config) -> tuple[C
 
 def disk_random_reads(table: SSDTable, reads: int, seed: int) -> float:
     """Random 4 KiB blocks read per second from the table's file (O_DIRECT, the table's threads)."""
-    store = table.cache.store
+    store = table.disk.store
     rows = np.random.default_rng(seed).choice(store.num_rows, size=min(reads, store.num_rows), replace=False)
     rows = rows[np.unique(rows // store.per_block, return_index=True)[1]]  # one row per block
     started = time.perf_counter()
@@ -163,7 +163,7 @@ def run_ssd_bench(opts: SSDBenchOptions) -> SSDMeasured:
                 ssd_step(batch)
             return steps * opts.batch, time.perf_counter() - started
 
-        while position < opts.warmup and (disk.cache.row_of < 0).any():
+        while position < opts.warmup and (disk.disk.cache.row_of < 0).any():
             ssd_round(opts.depth, 4)
         measured.warmup_steps = position
         disk.stats()  # counters restart after the warm-up

@@ -15,18 +15,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import ConfigError, TableConfig, from_dict
+from recmem.lock import LockedError
 from recmem.tables.base import ServingForm, check_width
 from recmem.tables.fused import FusedRowwiseAdagrad
 from recmem.tables.idhash import shard_of
 from recmem.tables.sharded import KindShard
 from recmem.tables.slotmap import Eviction, SlotMap
+from recmem.tables.ssd import SSDOptions
+from recmem.tables.ssd.keyed import KeyedDiskRows
+from recmem.tables.ssd.rows import DiskRows
+from recmem.tables.ssd.store import RowStore, StoreError
 
 
 @dataclass
@@ -44,6 +49,10 @@ class CollisionlessOptions:
             bytes); see ``admission.py`` for its false-admission rate.
         track_changes: record freed IDs too, so ``take_changes`` reports them (the input of row
             deltas for serving, which are not built yet).
+        storage: ``ram``, or ``ssd``: the rows and their Adagrad state on local disk behind a RAM
+            cache, prefetched ahead of the step (``recmem/tables/ssd/``); the ID map stays in RAM.
+        ssd: where and how (``path``, ``cache_rows``, ...: the ``ssd`` kind's options); needed with
+            ``storage: ssd``. Each Ray worker keeps its rows in ``<path>/rank-<r>-of-<W>``.
     """
 
     capacity: int = 1_000_000
@@ -53,6 +62,8 @@ class CollisionlessOptions:
     initial_rows: int = 4096
     filter_width: int = 1 << 20
     track_changes: bool = False
+    storage: Literal["ram", "ssd"] = "ram"
+    ssd: SSDOptions | None = None
 
 
 class CollisionlessTable(torch.nn.Module):
@@ -68,12 +79,13 @@ class CollisionlessTable(torch.nn.Module):
             feature's position and the ID only, so they do not depend on batch order or sharding).
         init_bound: new rows are uniform in +-init_bound; None: sqrt(1 / capacity), torchrec's scale
             for a table of ``capacity`` rows (a shard passes the whole table's).
+        disk: ``capacity`` rows per feature on disk (``options.storage: ssd``); None: rows in RAM.
     """
 
     def __init__(self, feature_names: list[str], embedding_dim: int, learning_rate: float,
                  capacity: int, min_count: int = 1, ttl: int | None = None, eviction: Eviction = "lru",
                  initial_rows: int = 4096, filter_width: int = 1 << 20, track_changes: bool = False,
-                 seed: int = 0, init_bound: float | None = None) -> None:
+                 seed: int = 0, init_bound: float | None = None, disk: DiskRows | None = None) -> None:
         super().__init__()
         if ttl is not None and ttl < 0:
             raise ValueError(f"ttl must be >= 0 or None, got {ttl}")
@@ -84,8 +96,10 @@ class CollisionlessTable(torch.nn.Module):
         self.slots = SlotMap(len(feature_names), capacity, min(initial_rows, capacity), min_count,
                              filter_width, eviction, seed, track_changes)
         # No initial draw: a row gets its values when an ID is admitted to it (``_init_row``).
-        self.rows = FusedRowwiseAdagrad(self.slots.allocations(), embedding_dim, learning_rate, seed,
-                                        initialise=False)
+        self.disk = None if disk is None else KeyedDiskRows(disk, capacity)
+        if disk is None:
+            self.rows = FusedRowwiseAdagrad(self.slots.allocations(), embedding_dim, learning_rate, seed,
+                                            initialise=False)
         self._init_bound = math.sqrt(1.0 / capacity) if init_bound is None else init_bound
         self._now = 0
 
@@ -101,7 +115,7 @@ class CollisionlessTable(torch.nn.Module):
                           where: str, rank: int, world_size: int) -> KindShard:
         """This worker's part for the ID-sharded path: the IDs a hash assigns it, in a table of
         ``capacity / world_size`` rows per feature that initialises rows as the whole table would."""
-        return KindShard(router=IdRouter(), shard=_build(cls, cfg, feature_names, seed, where, world_size))
+        return KindShard(router=IdRouter(), shard=_build(cls, cfg, feature_names, seed, where, world_size, rank))
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Pool each bag's rows; IDs without a row (not admitted, or no room) contribute nothing.
@@ -120,6 +134,14 @@ class CollisionlessTable(torch.nn.Module):
         values = features.values().to(torch.int64).contiguous().numpy()
         offsets = features.offsets().to(torch.int64)  # [F * B + 1]
         bounds = offsets[:: max(features.stride(), 1)].numpy()  # [F + 1] feature segments of values
+        if self.disk is not None:
+            if self.training:
+                rows = self.disk.assign(self.slots, values, bounds, self._now, self._init_bound)
+            else:
+                rows = self.disk.flat(self.slots.find(values, bounds), bounds)
+            indices, offsets = drop_missing(rows, offsets)
+            pooled = self.disk.disk.pool(indices.numpy(), offsets, self.training)  # [F * B, 1, D]
+            return pooled.view(len(self.feature_names), features.stride(), self.embedding_dim).transpose(0, 1)
         if self.training:
             local = self.slots.assign(values, bounds, self._now, self._init_bound, self._flat_rows)
         else:
@@ -132,12 +154,24 @@ class CollisionlessTable(torch.nn.Module):
         self._now = int(now)
 
     def evict(self, now: int) -> int:
-        """Free rows idle for more than ``ttl`` at data time ``now`` (idle == ttl stays)."""
-        return 0 if self.ttl is None else self.slots.expire(int(now), self.ttl)
+        """Free rows idle for more than ``ttl`` at data time ``now`` (idle == ttl stays); on disk
+        their rows are deleted too."""
+        if self.ttl is None:
+            return 0
+        if self.disk is not None:
+            return self.disk.expire(self.slots, int(now), self.ttl)
+        return self.slots.expire(int(now), self.ttl)
+
+    def _weights(self, feature: int, local: np.ndarray) -> torch.Tensor:
+        """[n, D] rows of feature ``feature``'s local rows (a copy), from RAM or from disk."""
+        if self.disk is not None:
+            return self.disk.rows(feature, local)
+        return self.rows.weights(feature)[torch.as_tensor(local, dtype=torch.int64)].detach().clone()
 
     def memory_bytes(self) -> int:
-        """Rows, Adagrad state, ID map and filter."""
-        return self.rows.memory_bytes() + sum(self.slots.memory_bytes().values())
+        """Rows (or, on disk, the cache), Adagrad state, ID map and filter."""
+        rows = self.rows.memory_bytes() if self.disk is None else self.disk.disk.memory_bytes()
+        return rows + sum(self.slots.memory_bytes().values())
 
     def stats(self) -> dict[str, float]:
         """Rows live and allocated, IDs admitted / rejected by the filter / refused for lack of room,
@@ -147,6 +181,8 @@ class CollisionlessTable(torch.nn.Module):
         out.update({k: float(v) for k, v in self.slots.memory_bytes().items()})
         out.update(row_bytes=float(rows * self.embedding_dim * 4), optimizer_bytes=float(rows * 4),
                    memory_bytes=float(self.memory_bytes()))
+        if self.disk is not None:  # rows and state are on disk: the RAM is the cache's
+            out.update(self.disk.disk.stats(), row_bytes=0.0, optimizer_bytes=0.0)
         return out
 
     def take_changes(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -158,7 +194,7 @@ class CollisionlessTable(torch.nn.Module):
         out = {}
         for f, name in enumerate(self.feature_names):
             ids, local, freed = self.slots.take_changes(f)
-            out[name] = {"ids": torch.from_numpy(ids), "weights": self.rows.weights(f)[local].clone(),
+            out[name] = {"ids": torch.from_numpy(ids), "weights": self._weights(f, local),
                          "freed": torch.from_numpy(freed)}
         return out
 
@@ -169,7 +205,7 @@ class CollisionlessTable(torch.nn.Module):
         for f in range(len(self.feature_names)):
             ids, local = self.slots.live(f)
             order = np.argsort(ids, kind="stable")
-            rows = self.rows.weights(f)[torch.from_numpy(local[order])].detach().clone()
+            rows = self._weights(f, local[order])
             out.append(ServingForm("keyed", {"keys": torch.from_numpy(ids[order].copy()), "rows": rows,
                                              "default": torch.zeros(self.embedding_dim)}))
         return out
@@ -181,12 +217,14 @@ class CollisionlessTable(torch.nn.Module):
             ids, local = self.slots.live(f)
             order = np.argsort(ids, kind="stable")
             keys.append(torch.from_numpy(ids[order]))
-            weights.append(self.rows.weights(f)[torch.from_numpy(local[order])].detach().clone())
+            weights.append(self._weights(f, local[order]))
         return CollisionlessLookup(self.feature_names, keys, weights)
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The ID map, filter, counters and clock; rows and Adagrad state are the fused kernel's."""
-        return {"slots": self.slots.state(), "now": self._now}
+        """The ID map, filter, counters and clock; rows and Adagrad state are the fused kernel's (in
+        RAM) or the disk's, committed here with a row map of one byte a row (``RowStore.commit``)."""
+        state = {"slots": self.slots.state(), "now": self._now}
+        return state if self.disk is None else {**state, "disk": self.disk.disk.commit()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the map and re-size the fused kernel to it (``load_state_dict`` fills it next)."""
@@ -195,6 +233,9 @@ class CollisionlessTable(torch.nn.Module):
             raise ValueError(f"snapshot holds {max(self.slots.allocations())} rows in a feature, "
                              f"more than this table's capacity {self.slots.capacity}")
         self._now = int(state["now"])
+        if self.disk is not None:
+            self.disk.disk.restore(state["disk"])
+            return
         self._resize(self.slots.allocations())
 
     def _flat_rows(self, allocations: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -230,17 +271,46 @@ def _flat(fused: FusedRowwiseAdagrad) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _build(cls: type[CollisionlessTable], cfg: TableConfig, feature_names: list[str], seed: int, where: str,
-           world_size: int) -> CollisionlessTable:
-    """A table (or one of ``world_size`` shards) from a config block; errors name the key."""
+           world_size: int, rank: int = 0) -> CollisionlessTable:
+    """A table (or shard ``rank`` of ``world_size``) from a config block; errors name the key."""
     if cfg.num_embeddings:
         raise ConfigError(f"{where}.num_embeddings: collisionless tables are sized by options.capacity")
     o = from_dict(CollisionlessOptions, cfg.options, f"{where}.options")
+    if (o.storage == "ssd") != (o.ssd is not None):
+        raise ConfigError(f"{where}.options.ssd: give the disk's options (path, cache_rows) with "
+                          f"options.storage: ssd, and only then (storage is {o.storage!r})")
+    capacity = -(-o.capacity // world_size)
+    disk = None
+    if o.ssd is not None:
+        path = Path(o.ssd.path) if world_size == 1 else Path(o.ssd.path) / f"rank-{rank}-of-{world_size}"
+        try:
+            store = RowStore(path, [capacity] * len(feature_names), cfg.embedding_dim, seed, o.ssd.io_threads,
+                             o.ssd.direct_io, initialise=False)
+        except (OSError, StoreError, LockedError) as e:
+            raise ConfigError(f"{where}.options.ssd.path: {e}") from None
+        disk = DiskRows(store, max(-(-o.ssd.cache_rows // world_size), 1), cfg.learning_rate)
+    kind = cls if disk is None else DiskCollisionlessTable
     try:
-        capacity = -(-o.capacity // world_size)
-        return cls(feature_names, cfg.embedding_dim, cfg.learning_rate, capacity, o.min_count, o.ttl, o.eviction,
-                   o.initial_rows, o.filter_width, o.track_changes, seed, math.sqrt(1.0 / max(o.capacity, 1)))
+        return kind(feature_names, cfg.embedding_dim, cfg.learning_rate, capacity, o.min_count, o.ttl, o.eviction,
+                   o.initial_rows, o.filter_width, o.track_changes, seed, math.sqrt(1.0 / max(o.capacity, 1)), disk)
     except ValueError as e:
         raise ConfigError(f"{where}.options: {e}") from None
+
+
+class DiskCollisionlessTable(CollisionlessTable):
+    """A collisionless table with its rows on disk (``options.storage: ssd``): it also prefetches
+    (``base.Prefetchable``), which an in-RAM one has no use for."""
+
+    def prefetch(self, features: KeyedJaggedTensor) -> np.ndarray:
+        """Pin the rows of an upcoming batch's known IDs (a lookup: no sighting is counted) and start
+        reading them; returns the ticket for :meth:`release`."""
+        offsets = features.offsets().to(torch.int64)
+        bounds = offsets[:: max(features.stride(), 1)].numpy()  # [F + 1]
+        return self.disk.prefetch(self.slots, features.values().to(torch.int64).contiguous().numpy(), bounds)
+
+    def release(self, ticket: np.ndarray) -> None:
+        """Unpin the rows of one :meth:`prefetch`."""
+        self.disk.disk.release(ticket)
 
 
 class IdRouter(torch.nn.Module):

@@ -25,7 +25,8 @@ from recmem.lock import LockedError
 from recmem.tables.base import ServingForm, check_width
 from recmem.tables.hash import ModRouter
 from recmem.tables.sharded import KindShard
-from recmem.tables.ssd.cache import CacheTooSmall, RowCache
+from recmem.tables.ssd.cache import CacheTooSmall
+from recmem.tables.ssd.rows import DiskRows
 from recmem.tables.ssd.store import RowStore, StoreError
 
 __all__ = ["CacheTooSmall", "SSDOptions", "SSDTable", "StoreError"]
@@ -77,11 +78,9 @@ class SSDTable(torch.nn.Module):
         store = RowStore(path, [num_embeddings] * len(feature_names), embedding_dim, seed, io_threads, direct_io,
                          rank, world_size)
         self._local_rows = store.rows[0] if store.rows else 0
-        # Not a submodule: the cached rows belong to the disk and are written back at each checkpoint;
+        # Not a module: the cached rows belong to the disk and are written back at each checkpoint;
         # the state dict carries the row map (get_extra_state), never a copy of the rows.
-        object.__setattr__(self, "cache", RowCache(store, cache_rows, learning_rate))
-        self._demand: np.ndarray | None = None  # slots forward pinned itself, released next forward
-        self._steps = 0
+        self.disk = DiskRows(store, cache_rows, learning_rate)
 
     @classmethod
     def from_config(cls, cfg: TableConfig, feature_names: list[str], seed: int, data_root: Path, where: str,
@@ -113,85 +112,50 @@ class SSDTable(torch.nn.Module):
     def prefetch(self, features: KeyedJaggedTensor) -> np.ndarray:
         """Pin the rows of an upcoming batch and start reading the missing ones; returns the ticket
         (their slots) for :meth:`release`."""
-        rows, counts = np.unique(self._rows(features), return_counts=True)
-        return self.cache.pin(rows, counts)
+        return self.disk.prefetch(self._rows(features))
 
     def release(self, ticket: np.ndarray) -> None:
         """Unpin the rows :meth:`prefetch` pinned for one batch."""
-        self.cache.unpin(ticket)
+        self.disk.release(ticket)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Raw-ID KJT of ``feature_names`` -> [B, F, D]; waits for rows still on their way from disk.
 
         A batch nobody prefetched is fetched here and stays pinned until the next forward.
         """
-        rows = self._rows(features)
-        slots = self.cache.slot_of[rows].astype(np.int64)
-        if self._demand is not None:
-            self.cache.unpin(self._demand)
-            self._demand = None
-        if (slots < 0).any():  # not prefetched (evaluation, or no lookahead): fetch now
-            unique, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
-            self._demand = self.cache.pin(unique, counts)
-            slots = self._demand[inverse]
-        self.cache.wait(slots)
-        if self.training:
-            self.cache.dirty[slots] = True
-            self._steps += 1
         batch = features.stride()
-        pooled = self.cache.fused(torch.from_numpy(slots), features.offsets())  # [F * B, 1, D]
+        pooled = self.disk.pool(self._rows(features), features.offsets(), self.training)  # [F * B, 1, D]
         return pooled.view(len(self.feature_names), batch, self.embedding_dim).transpose(0, 1)  # [B, F, D]
 
     def memory_bytes(self) -> int:
         """RAM: the cache's rows and Adagrad state, its bookkeeping and the store's row map."""
-        return self.cache.memory_bytes() + self.cache.store.memory_bytes()
+        return self.disk.memory_bytes()
 
     def stats(self) -> dict[str, float]:
-        """Cache hit rates (per lookup and per unique ID, at the time each batch was first asked for),
-        prefetch wait, disk traffic per training step, rows evicted and written back, bytes on disk and in
-        RAM. Counters restart after each call."""
-        c, store = self.cache.counts, self.cache.store
-        steps = max(self._steps, 1)
-        out = {"cache_hit_rate": c["lookup_hits"] / max(c["lookups"], 1),
-               "cache_unique_hit_rate": c["unique_hits"] / max(c["unique"], 1),
-               "misses_per_step": (c["unique"] - c["unique_hits"]) / steps,
-               "prefetch_wait_seconds": c["wait_seconds"], "prefetch_waits": c["waits"],
-               "read_bytes_per_step": store.bytes_read / steps, "written_bytes_per_step": store.bytes_written / steps,
-               "rows_evicted": c["evicted"], "rows_written_back": c["written_back"],
-               "disk_bytes": float(store.disk_bytes()), "memory_bytes": float(self.memory_bytes()),
-               "cache_rows": float(self.cache.capacity)}
-        for k in c:
-            c[k] = 0.0
-        store.bytes_read = store.bytes_written = 0
-        self._steps = 0
-        return out
+        """The disk rows' figures (``DiskRows.stats``: hit rates, prefetch wait, disk traffic per step,
+        bytes on disk) and the bytes in RAM. Counters restart after each call."""
+        return {**self.disk.stats(), "memory_bytes": float(self.memory_bytes())}
 
     def to_serving(self) -> list[ServingForm]:
         """Per feature: all its rows, read from disk once the dirty ones are written back, looked up
         by ``id mod num_embeddings``."""
-        self.cache.flush()
         n = self._local_rows
-        return [ServingForm("modulo", {"rows": torch.from_numpy(
-                    self.cache.store.read(np.arange(f * n, (f + 1) * n, dtype=np.int64))[:, :-1].copy())})
+        return [ServingForm("modulo", {"rows": self.disk.read(np.arange(f * n, (f + 1) * n, dtype=np.int64))})
                 for f in range(len(self.feature_names))]
 
     def close(self) -> None:
         """Stop the I/O worker and let go of the folder (rows not written back since the last
         checkpoint or ``to_serving`` are dropped, as a crash would drop them)."""
-        self.cache.close()
+        self.disk.close()
 
     def get_extra_state(self) -> dict[str, Any]:
         """Write every dirty row back and commit the file: the state names the committed records
         (``where``, one byte a row, and the generation), never copies them."""
-        self.cache.flush()
-        return self.cache.store.commit()
+        return self.disk.commit()
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Point at a checkpoint's records and empty the cache (its rows belong to the state replaced)."""
-        self.cache.clear()
-        self._demand = None
-        self.cache.store.restore(state)
-
+        self.disk.restore(state)
 
 def _build(cls: type[SSDTable], cfg: TableConfig, feature_names: list[str], seed: int, where: str,
            rank: int = 0, world_size: int = 1) -> SSDTable:

@@ -80,6 +80,35 @@ class RowCache:
         self.last_used[slots] = self._clock
         return slots
 
+    def fresh(self, rows: np.ndarray, records: np.ndarray) -> np.ndarray:
+        """Pin distinct ``rows`` holding new values [n, D + 1] (rows just given to new IDs): nothing is
+        read, the values are dirty until written back; returns their slots."""
+        slots = self.slot_of[rows].astype(np.int64)
+        cached = slots >= 0
+        self.wait(slots[cached])  # a read still on its way must not land over the new values
+        self.pins[slots[cached]] += 1
+        if not cached.all():
+            victims = self._make_room(int((~cached).sum()), len(rows))
+            slots[~cached] = victims
+            self._load(rows[~cached], victims, read=False)
+            self.loading_job[victims] = 0
+        self.fused.weights(0).numpy()[slots] = records[:, :-1]
+        self.fused.momentum(0).numpy()[slots] = records[:, -1]
+        self.dirty[slots] = True
+        self._clock += 1
+        self.last_used[slots] = self._clock
+        return slots
+
+    def forget(self, rows: np.ndarray) -> None:
+        """Drop ``rows`` from the cache unwritten and delete them from the store (freed rows)."""
+        self.drain()
+        slots = self.slot_of[rows]
+        held = slots[slots >= 0]
+        self.row_of[held] = -1  # a pinned slot is reused once its last pin goes
+        self.dirty[held] = False
+        self.slot_of[rows] = -1
+        self.store.delete(rows)
+
     def unpin(self, slots: np.ndarray) -> None:
         """Release one pin of each of ``slots``."""
         self.pins[slots] -= 1
@@ -142,8 +171,9 @@ class RowCache:
             else np.arange(len(candidates))
         return np.concatenate([free, candidates[order]])
 
-    def _load(self, rows: np.ndarray, slots: np.ndarray) -> None:
-        """Queue a job writing back the dirty rows leaving ``slots`` and reading ``rows`` into them."""
+    def _load(self, rows: np.ndarray, slots: np.ndarray, read: bool = True) -> None:
+        """Queue a job writing back the dirty rows leaving ``slots`` and (if ``read``) reading ``rows``
+        into them."""
         leaving = self.row_of[slots]
         evicted = leaving >= 0
         self.slot_of[leaving[evicted]] = -1
@@ -158,7 +188,9 @@ class RowCache:
         job = self._next_job
         self._next_job += 1
         self.loading_job[slots] = job
-        self._jobs[job] = self._worker.submit(self._run, out_rows, out_records, rows, slots)
+        empty = np.zeros(0, dtype=np.int64)
+        self._jobs[job] = self._worker.submit(self._run, out_rows, out_records, rows if read else empty,
+                                              slots if read else empty)
 
     def _run(self, out_rows: np.ndarray, out_records: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> None:
         """I/O worker: write back, then read ``rows`` into ``slots`` of the fused kernel."""

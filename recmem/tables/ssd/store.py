@@ -58,13 +58,16 @@ class RowStore:
         direct_io: read with O_DIRECT (the page cache neither helps nor fills).
         rank, world_size: store only rows ``rank, rank + W, ...`` of each table (an ID-sharded
             worker's part, local row ``k // W``), with the whole table's initial values.
+        initialise: write the initial rows; False leaves region 0 zero, for owners that give a row its
+            values when they first use it (collisionless tables, on admission).
     """
 
     def __init__(self, folder: str | Path, rows: list[int], embedding_dim: int, seed: int,
-                 io_threads: int = 16, direct_io: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 io_threads: int = 16, direct_io: bool = False, rank: int = 0, world_size: int = 1,
+                 initialise: bool = True) -> None:
         self.folder = Path(folder)
         self.global_rows, self.embedding_dim, self.seed = list(rows), embedding_dim, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.initialise = rank, world_size, initialise
         self.rows = [len(range(rank, n, world_size)) for n in rows]
         self.record = embedding_dim + 1  # floats per record
         self.per_block = BLOCK // (4 * self.record)
@@ -88,7 +91,7 @@ class RowStore:
 
     def _layout(self) -> dict:
         return {"format": FORMAT, "rows": self.global_rows, "embedding_dim": self.embedding_dim, "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size, "initialise": self.initialise}
 
     def _open_meta(self) -> dict:
         """Reuse a file made for this layout, else make one (initial region written, nothing restorable)."""
@@ -107,6 +110,9 @@ class RowStore:
     def _write_initial(self) -> None:
         """Region 0 from the seeded stream, block by block; regions 1 and 2 left sparse."""
         with open(self.path, "wb") as f:
+            if not self.initialise:
+                f.truncate(3 * self.region_bytes)
+                return
             pending = np.zeros((0, self.record), dtype=np.float32)
             for _, start, chunk in initial_rows(self.global_rows, self.embedding_dim, self.seed):
                 chunk = chunk[(self.rank - start) % self.world_size::self.world_size]  # this rank's rows
@@ -188,8 +194,11 @@ class RowStore:
             self._write_meta(self.meta)
             self._written_since_base = True
         committed = self._committed[rows] if self._base is not None else np.zeros(len(rows), np.uint8)
-        fresh = self.where[rows] == committed  # not written since the checkpoint: take the other region
-        target = np.where(fresh, np.where(committed == 1, 2, 1), self.where[rows]).astype(np.uint8)
+        where = self.where[rows]
+        # Written since the checkpoint: overwrite in place; else (or deleted, region 0): the region of
+        # {1, 2} the checkpoint does not point at. Region 0 is never written after the file is made.
+        again = (where != committed) & (where != 0)
+        target = np.where(again, where, np.where(committed == 1, 2, 1)).astype(np.uint8)
         blocks, inner = self._block_offsets(rows, target)
         offsets = blocks + inner
         payload = np.ascontiguousarray(records, dtype=np.float32)
@@ -201,6 +210,11 @@ class RowStore:
         list(self._pool.map(write_rows, _parts(len(rows), self._threads)))
         self.where[rows] = target
         self.bytes_written += len(rows) * 4 * self.record
+
+    def delete(self, rows: np.ndarray) -> None:
+        """Forget ``rows``: they read as their initial values again (zeros in a file made with
+        ``initialise=False``) and no region holds them for this generation."""
+        self.where[rows] = 0
 
     def commit(self) -> dict:
         """Make the rows written so far durable and name them a generation; returns the state a
