@@ -215,6 +215,7 @@ def test_deltas_keep_a_server_equal_to_the_trained_model(stream, tmp_path, kind)
     records = run_online(cfg, say=lambda _: None, post=post).history
     assert [r["delta_full"] for r in records] == [1, 0, 1, 0]  # the first push, and the one the swap refused
     assert all(r["delta_failures"] == 0 for r in records)
+    assert all(0 < r["freshness_s"] < 600 for r in records)  # landing (file mtime) to served
     assert all(r["delta_rows"] > 0 for r in records)
     assert service.served.bundle.version == records[-1]["delta_version"]
     state = final_state(tmp_path / "w")
@@ -397,3 +398,12 @@ def test_deltas_refuse_tables_they_cannot_carry(stream, tmp_path):
     cfg = online_config(root, tmp_path, tmp_path / "landing", "online.endpoints=[http://x]")
     with pytest.raises(ConfigError, match=r"model\.tables\.0\.options\.track_changes: must be true"):
         DeltaPublisher(cfg, build_job_model(cfg))
+
+
+def test_ray_workers_are_refused_not_ignored(stream, tmp_path):
+    from recmem.config import ConfigError
+
+    root, _ = stream
+    cfg = online_config(root, tmp_path, tmp_path / "landing", "ray.enabled=true", "ray.num_workers=2")
+    with pytest.raises(ConfigError, match="ray.num_workers=2: recmem online trains in one process"):
+        run_online(cfg)

@@ -8,6 +8,7 @@ Per window (a landed file, or ``online.window_rows`` rows of one)::
       -> expire rows idle past the TTL at the window's newest event time (data time)
       -> checkpoint {model, optimizer, offsets} in one atomic file: the commit
       -> publish a row delta of what that checkpoint holds (``sync.py``), on its interval
+         (online/freshness_s: from the file's landing to its rows being served)
       -> on its schedule, register a snapshot; move ``champion`` only past the guardrail (``snapshot.py``)
 
 Exactly once: the offsets consumed are saved in the same file as the model and optimizer state
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recmem.config import Config, to_dict
+from recmem.config import Config, ConfigError, to_dict
 from recmem.online.source import LandingDirectory, StreamSource, Window
 from recmem.tracking.logger import flatten
 
@@ -113,6 +114,9 @@ def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
     from recmem.train.loop import TrainingSession, build_job_model, make_dense_optimizer
 
     o = cfg.online
+    if cfg.ray.enabled and cfg.ray.num_workers > 1:
+        raise ConfigError(f"ray.num_workers={cfg.ray.num_workers}: recmem online trains in one process (windows "
+                          "on Ray workers are not built); set ray.num_workers=1")
     stop = stop if stop is not None else _signal_stop()
     source = source or LandingDirectory(o.landing, cfg.data.schema, o.window_rows, report=say)
     model = build_job_model(cfg)
@@ -154,6 +158,8 @@ def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
                           if record["newest_time"] is not None else math.nan)
             if publisher is not None:
                 record.update(publisher(session, windows))
+                if "delta_version" in record and window.landed is not None:  # its rows are served now
+                    record["freshness_s"] = time.time() - window.landed
             if snapshots is not None:
                 record.update(snapshots(batches, record, windows))
             session.log.log_metrics({f"online/{k}": float(v) for k, v in record.items()

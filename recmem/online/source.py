@@ -46,12 +46,14 @@ class Window:
         begin: the offset of the first row.
         table: the rows, holding the schema's columns.
         last: True when the window ends its file (a partition never ends).
+        landed: when its rows arrived (Unix time: the file's modification time), if known.
     """
 
     key: str
     begin: int
     table: pa.Table
     last: bool
+    landed: float | None = None
 
     @property
     def end(self) -> int:
@@ -79,6 +81,7 @@ class _Landed:
 
     rows: int
     first_time: int | None
+    landed: float | None
 
 
 class LandingDirectory:
@@ -127,7 +130,7 @@ class LandingDirectory:
             begin = offsets.get(name, 0)
             rows = self.window_rows or table.num_rows
             piece = table.slice(begin, rows)
-            return Window(name, begin, piece, begin + piece.num_rows >= table.num_rows)
+            return Window(name, begin, piece, begin + piece.num_rows >= table.num_rows, self._footers[name].landed)
 
     def _listing(self) -> dict[str, _Landed]:
         """Footer facts of every landed file (read once per file: a landed file never changes)."""
@@ -143,8 +146,10 @@ class LandingDirectory:
         return {n: self._footers[n] for n in names if n in self._footers}
 
     def _footer(self, name: str) -> _Landed:
-        with self.fs.open_input_file(posixpath.join(self.root, name)) as f:
+        path = posixpath.join(self.root, name)
+        with self.fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
+        mtime = self.fs.get_file_info(path).mtime
         column = self.schema.event_time
         first = None
         names = [meta.schema.column(i).name for i in range(meta.num_columns)]
@@ -153,7 +158,7 @@ class LandingDirectory:
             mins = [meta.row_group(g).column(j).statistics for g in range(meta.num_row_groups)]
             found = [int(s.min) for s in mins if s is not None and s.has_min_max]
             first = min(found) if found else None
-        return _Landed(meta.num_rows, first)
+        return _Landed(meta.num_rows, first, mtime.timestamp() if mtime is not None else None)
 
     def _whole(self, name: str) -> pa.Table | None:
         """The checked rows of ``name`` (kept for its next windows), or None after quarantining it."""
