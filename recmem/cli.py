@@ -160,7 +160,7 @@ def _optembed(cfg: Config) -> int:
         print(f"plan          {path}")
     _print_result(result.retrain.metrics, result.retrain.samples_per_second, result.run, False)
     print(f"tables        {result.retrain.metrics.get('tables/memory_bytes', float('nan')):,.0f} bytes retrained; "
-          f"evaluate or export it with train.checkpoint_dir={cfg.train.checkpoint_dir}/retrain and each "
+          f"evaluate or export it with train.checkpoint_dir={result.retrain_checkpoints} and each "
           "block's options.plan set to its plan above")
     return 0
 

@@ -18,7 +18,7 @@ from recmem.data.stats import load_ids
 from recmem.tables import build_tables
 from recmem.tables.optembed import Plan, compact_bytes
 from recmem.tables.optembed.supernet import UnitStep, row_mask, step_gradient
-from recmem.train.evolution import SearchSettings, SearchState, evolve
+from recmem.train.evolution import SearchSettings, SearchState, evolve, repair
 from tests.conftest import small_schema
 
 SCHEMA = small_schema()
@@ -140,7 +140,9 @@ def test_search_is_deterministic_for_a_seed_and_resumes_exactly():
 def test_search_keeps_only_allowed_candidates(tmp_path):
     settings = SearchSettings(population=6, top_k=3, mutations=3, crossovers=3, iterations=3, seed=0)
     state = evolve(4, 8, _target_score((8, 8, 8, 8)), settings, allowed=lambda c: sum(c) <= 12)
-    assert state.scores and all(sum(c) <= 12 for c in state.scores)
+    assert len(state.scores) >= 6 and all(sum(c) <= 12 for c in state.scores)
+    assert repair((8, 2, 8, 1), lambda c: sum(c) <= 12) == (4, 2, 5, 1)  # the widest lowered first, ties: first
+    assert repair((2, 2), lambda c: sum(c) <= 1) is None
     state.save(tmp_path / "state.json")
     assert SearchState.load(tmp_path / "state.json", 4, 8).scores == state.scores
     with pytest.raises(ValueError, match="not 5 widths"):

@@ -64,14 +64,16 @@ def test_command_runs_three_nested_phases_resumes_and_exports(tiny_root, tmp_pat
                                         SEARCH, "train.max_steps=10")]
     assert main(args) == 0
     first = capsys.readouterr().out
-    assert "plan-0.pt" in first and "valid AUC" in first
+    assert "plan-0-" in first and "valid AUC" in first
+    (plan_file,) = (tmp_path / "runs/checkpoints/search").glob("plan-0-*.pt")
     search = tmp_path / "runs/checkpoints/search"
     state = json.loads((search / "state.json").read_text())
     assert state["generation"] == 1 and len(state["scores"]) >= 4
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = {r.info.run_name: r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
-    assert set(runs) == {"optembed", "optembed/supernet", "optembed/search", "optembed/retrain"}
+    runs = {r.info.run_name.split("-")[0]: r for r in mlflow.search_runs(search_all_experiments=True,
+                                                                           output_format="list")}
+    assert len(runs) == 4 and set(runs) == {"optembed", "optembed/supernet", "optembed/search", "optembed/retrain"}
     parent = runs["optembed"].info.run_id
     assert all(runs[f"optembed/{p}"].data.tags["mlflow.parentRunId"] == parent for p in ("supernet", "search", "retrain"))
     assert "train/aux_loss" in runs["optembed/supernet"].data.metrics
@@ -79,14 +81,22 @@ def test_command_runs_three_nested_phases_resumes_and_exports(tiny_root, tmp_pat
 
     assert main(args) == 0  # a rerun resumes every phase: no new candidates, no new runs
     assert json.loads((search / "state.json").read_text()) == state
-    again = {r.info.run_name for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
-    assert again == set(runs)
-
+    again = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs.values())
+    assert main([*args, "model.tables.0.options.iterations=2"]) == 0  # more generations continue the search
+    longer = json.loads((search / "state.json").read_text())
+    assert longer["generation"] == 2 and longer["scores"][:len(state["scores"])] == state["scores"]
+    assert main([*args, "model.tables.0.options.population=5"]) == 0  # another search; the supernet resumes
+    rerun = capsys.readouterr().out
+    assert "searching afresh" in rerun and "supernet/step-000000010.pt at step 10" in rerun
+    assert len(json.loads((search / "state.json").read_text())["scores"]) >= 5
+    folder = f"runs/checkpoints/retrain-{plan_file.stem.rsplit('-', 1)[1]}"
+    assert f"train.checkpoint_dir={folder}" in first
     retrain = tiny_config(tiny_root, tmp_path, "ray.enabled=false", "model.tables.0.kind=optembed",
-                          f"model.tables.0.options={{plan: {search / 'plan-0.pt'}}}",
-                          "train.checkpoint_dir=runs/checkpoints/retrain", "tracking.enabled=false")
+                          f"model.tables.0.options={{plan: {plan_file}}}", f"train.checkpoint_dir={folder}",
+                          "tracking.enabled=false")
     model = build_job_model(retrain)
-    model.load_state_dict(load_latest(tmp_path / "runs/checkpoints/retrain")[0]["model"])
+    model.load_state_dict(load_latest(tmp_path / folder)[0]["model"])
     model.eval()
     bundle = load_bundle(export_job(retrain, None, "fp32"))
     batch = next(iter_batches(tiny_root, "valid", retrain.data.schema, 300, drop_last=False))
@@ -96,7 +106,7 @@ def test_command_runs_three_nested_phases_resumes_and_exports(tiny_root, tmp_pat
     with torch.no_grad():
         expected = model(batch)
     torch.testing.assert_close(bundle.logits(batch.dense_features, values, lengths), expected, rtol=0, atol=1e-5)
-    plan = Plan.load(search / "plan-0.pt", retrain.data.schema.sparse, 8, "plan")
+    plan = Plan.load(plan_file, retrain.data.schema.sparse, 8, "plan")
     assert model.tables.memory_bytes() <= 7000  # the search's max_bytes held
     rows = sum(f.tensors["rows"].shape[0] for f in model.tables.to_serving())
     assert rows == sum(len(k) for k in plan.keys)  # only the kept rows are exported

@@ -39,6 +39,9 @@ VARIANTS: dict[str, TableConfig] = {
     # mixed_dim: d0 = the block's width, d_i = d0 * (n_min / n_i) ** alpha (p2: rounded down to powers of two)
     "mixed_dim_a03": TableConfig(kind="mixed_dim", options={"alpha": 0.3}),
     "mixed_dim_a05p2": TableConfig(kind="mixed_dim", options={"alpha": 0.5, "power_of_two": True}),
+    # optembed's supernet (phase 1: each ID's row through its threshold mask, widths drawn per sample);
+    # the retrained tables need the plan `recmem optembed` writes: jobs/bench_memory_kinds.py --optembed-plan
+    "optembed_supernet": TableConfig(kind="optembed"),
 }
 """Each variant's table block (its ``embedding_dim`` and ``learning_rate`` come from the config's first)."""
 

@@ -5,8 +5,9 @@ A candidate is a tuple of F widths, each in 1..D. Generation 0 draws ``populatio
 candidates; each later generation takes the ``top_k`` best candidates scored so far as parents and
 adds ``mutations`` children (a random parent, each width redrawn with probability
 ``mutation_prob``) and ``crossovers`` children (two random parents, each width taken from either
-with equal chance). A child already scored or not ``allowed`` (over a memory limit) is drawn again,
-at most :data:`TRIES` times per child. Generation g draws from a generator seeded by (seed, g)
+with equal chance). A child not ``allowed`` (over a memory limit) is repaired: its widest width
+lowered by one until it is (:func:`repair`); a child already scored is drawn again, at most
+:data:`TRIES` times per child. Generation g draws from a generator seeded by (seed, g)
 alone, so a search resumed after generation g continues exactly as an uninterrupted one.
 Ties in score go to the candidate scored first.
 """
@@ -114,10 +115,22 @@ def evolve(num_fields: int, dim: int, score: Callable[[Candidate], float], setti
 
 def _draw(make: Callable[[], Candidate], state: SearchState, allowed: Callable[[Candidate], bool]) -> Candidate | None:
     for _ in range(TRIES):
-        child = make()
-        if child not in state.scores and allowed(child):
+        child = repair(make(), allowed)
+        if child is not None and child not in state.scores:
             return child
     return None
+
+
+def repair(candidate: Candidate, allowed: Callable[[Candidate], bool]) -> Candidate | None:
+    """``candidate`` if allowed, else its widest width (the first of equals) lowered by one until
+    it is; None when all ones are not allowed either."""
+    widths = list(candidate)
+    while not allowed(tuple(widths)):
+        widest = max(range(len(widths)), key=lambda f: (widths[f], -f))
+        if widths[widest] == 1:
+            return None
+        widths[widest] -= 1
+    return tuple(widths)
 
 
 def _random(num_fields: int, dim: int, generator: torch.Generator) -> Candidate:

@@ -6,10 +6,12 @@
    mode: each field at the candidate's width, rows pruned by the learned thresholds) in an
    evolutionary search (``recmem/train/evolution.py``) whose knobs are the first ``optembed``
    block's options. Its state is saved after every generation in ``<checkpoint_dir>/search``
-   (``state.json``) and a rerun continues from there; the outcome is one plan file per block
-   (``plan-<i>.pt``: widths, kept IDs, whether the OOV row was kept).
+   (``state.json``) and a rerun continues from there (more ``iterations`` extend it) unless the
+   supernet or the search's other options changed (``key.json``); the outcome is one plan file per block (``plan-<i>-<sha256>.pt``:
+   widths, kept IDs, whether the OOV row was kept).
 3. **retrain**: the model again from scratch, each ``optembed`` block now the compact table of its
-   plan (``options.plan``), trained by the loop (checkpoints in ``<checkpoint_dir>/retrain``).
+   plan (``options.plan``), trained by the loop (checkpoints in ``<checkpoint_dir>/retrain-<sha256>``,
+   one folder per set of plans).
 
 Each phase is an MLflow run nested under one parent run (its id kept in
 ``<checkpoint_dir>/optembed.json``, so a rerun continues the same runs). The phases run in this
@@ -19,16 +21,19 @@ process on one worker (``ray.*`` is not used).
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from recmem.config import Config, ConfigError
 from recmem.tables.optembed import SupernetTable, compact_bytes, optembed_options
-from recmem.train.checkpoint import load_latest
+from recmem.train.checkpoint import file_sha256, load_latest
 from recmem.train.evolution import SearchSettings, SearchState, evolve
 from recmem.train.local import local_source, train_local
 from recmem.train.loop import TrainResult, build_job_model, evaluate
@@ -44,6 +49,8 @@ class OptEmbedResult:
     search_auc: float
     plans: list[Path]
     retrain: TrainResult
+    retrain_checkpoints: str
+    """The retrain's ``train.checkpoint_dir``."""
     run: str
 
 
@@ -62,14 +69,22 @@ def optembed_blocks(cfg: Config) -> list[int]:
     return blocks
 
 
+SUPERNET_OPTIONS = ("min_count", "alpha", "threshold_lr", "threshold_init", "sample_widths")
+"""The options the supernet is built from: only these reach its config (and so its checkpoints'
+resume key), so a changed search knob does not refuse the trained supernet's resume."""
+
+
 def phase_config(cfg: Config, phase: str, plans: dict[int, Path] | None = None) -> Config:
-    """``cfg`` for one phase: its own checkpoint folder and MLflow run name, and for the retrain
-    each ``optembed`` block's ``options.plan``."""
+    """``cfg`` for one phase: its own checkpoint folder and MLflow run name; each ``optembed``
+    block keeps the supernet's options, or for the retrain (``plans``) only its ``options.plan``."""
     out = copy.deepcopy(cfg)
     out.train.checkpoint_dir = f"{cfg.train.checkpoint_dir}/{phase}"
     out.tracking.run_name = f"{cfg.tracking.run_name or 'optembed'}/{phase}"
+    for table in out.model.tables:
+        if table.kind == "optembed":
+            table.options = {k: v for k, v in table.options.items() if k in SUPERNET_OPTIONS}
     for i, path in (plans or {}).items():
-        out.model.tables[i].options = {**out.model.tables[i].options, "plan": str(path.resolve())}
+        out.model.tables[i].options = {"plan": str(path.resolve())}
     return out
 
 
@@ -91,14 +106,40 @@ def run_optembed(cfg: Config) -> OptEmbedResult:
         supernet_cfg = phase_config(cfg, "supernet")
         supernet = train_local(supernet_cfg)
         state, plans, widths = search_phase(cfg, supernet_cfg, blocks, base / "search")
-        retrain = train_local(phase_config(cfg, "retrain", dict(zip(blocks, plans))))
+        # one folder per set of plans: a retrain over a new search starts afresh beside the old one
+        retrain_cfg = phase_config(cfg, "retrain-" + "-".join(p.stem.rsplit("-", 1)[1] for p in plans),
+                                   dict(zip(blocks, plans)))
+        retrain = train_local(retrain_cfg)
         best_auc = state.best()[1]
         parent.log_metrics({"supernet/valid_auc": supernet.metrics.get("valid/auc", float("nan")),
                             "search/best_auc": best_auc, **{f"retrain/{k.replace('/', '_')}": v
                                                             for k, v in retrain.metrics.items()}}, retrain.step)
         run = parent.run_url()
         parent.close()
-    return OptEmbedResult(supernet, widths, best_auc, plans, retrain, run)
+    return OptEmbedResult(supernet, widths, best_auc, plans, retrain, retrain_cfg.train.checkpoint_dir, run)
+
+
+def _digest(state: dict) -> str:
+    """SHA-256 of a model state's tensors (a finished run's checkpoint is re-saved on a rerun, so its
+    file's bytes may change while its weights do not)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        if isinstance(state[name], torch.Tensor):
+            h.update(name.encode())
+            h.update(state[name].detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resumable(folder: Path, key: dict, num_fields: int, dim: int) -> tuple[SearchState | None, str | None]:
+    """The saved search state and its MLflow run when it was searching with the same supernet and
+    knobs (``key``, kept in ``key.json`` beside it), else (None, None) and a line saying why."""
+    path, record = folder / "state.json", folder / "key.json"
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    if saved.get("key") != key:
+        if path.is_file():
+            tqdm.write(f"recmem: {folder}: the supernet or the search's options changed; searching afresh")
+        return None, None
+    return (SearchState.load(path, num_fields, dim) if path.is_file() else None), saved.get("run_id")
 
 
 def search_phase(cfg: Config, supernet_cfg: Config, blocks: list[int],
@@ -138,11 +179,17 @@ def search_phase(cfg: Config, supernet_cfg: Config, blocks: list[int],
         raise ConfigError(f"model.tables.{blocks[0]}.options.max_bytes: {options.max_bytes:,} is out of reach: the "
                           f"{sum(kept):,} rows the thresholds kept take {compact_bytes(kept, [1] * sum(sizes)):,} bytes "
                           "at width 1 (raise options.alpha or options.threshold_lr to prune more, or options.min_count)")
-    path = folder / "state.json"
-    state = SearchState.load(path, sum(sizes), dim) if path.is_file() else None
     settings = SearchSettings(options.population, options.top_k, options.mutations, options.crossovers,
                               options.mutation_prob, options.iterations, cfg.seed)
-    log = RunLogger(phase_config(cfg, "search"))
+    path = folder / "state.json"
+    # iterations stay out of the key: generation g draws from (seed, g) alone, so more iterations
+    # continue a finished search exactly as a longer one would have run
+    knobs = {k: v for k, v in settings.__dict__.items() if k != "iterations"}
+    key = {"supernet": found[1].name, "supernet_sha256": _digest(found[0]["model"]), "settings": knobs,
+           "max_bytes": options.max_bytes, "search_batches": options.search_batches}
+    state, run_id = _resumable(folder, key, sum(sizes), dim)
+    log = RunLogger(phase_config(cfg, "search"), run_id=run_id)
+    (folder / "key.json").write_text(json.dumps({"key": key, "run_id": log.run_id}))
 
     def after(s: SearchState) -> None:
         s.save(path)
@@ -152,8 +199,11 @@ def search_phase(cfg: Config, supernet_cfg: Config, blocks: list[int],
     widths = split(state.best()[0])
     plans = []
     for i, table, block_widths in zip(blocks, tables, widths):
-        plans.append(folder / f"plan-{i}.pt")
-        table.compact_plan(block_widths).save(plans[-1])
+        draft = folder / f"plan-{i}.pt"
+        table.compact_plan(block_widths).save(draft)
+        # named by its content: a retrain resumed over another plan is refused by its resume key
+        plans.append(draft.with_name(f"plan-{i}-{file_sha256(draft)[:12]}.pt"))
+        os.replace(draft, plans[-1])
         log.log_params({f"tables.{i}.widths": block_widths})
         log.log_artifact(plans[-1], "plans")
     total = sum(sum(t.rows.rows) for t in tables)
