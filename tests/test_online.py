@@ -407,3 +407,18 @@ def test_ray_workers_are_refused_not_ignored(stream, tmp_path):
     cfg = online_config(root, tmp_path, tmp_path / "landing", "ray.enabled=true", "ray.num_workers=2")
     with pytest.raises(ConfigError, match="ray.num_workers=2: recmem online trains in one process"):
         run_online(cfg)
+
+
+def test_landing_directory_by_filesystem_uri(stream, tmp_path):
+    from recmem.online.source import LandingDirectory
+
+    _, table = stream
+    names = land(tmp_path / "landing", table, 2)
+    (tmp_path / "landing" / "broken.parquet").write_bytes(b"PAR1")
+    source = LandingDirectory((tmp_path / "landing").as_uri(), small_schema(), window_rows=400, report=lambda _: None)
+    first = source.next_window({})
+    assert (first.key, first.begin, first.table.num_rows, first.last) == (names[0], 0, 400, False)
+    second = source.next_window({names[0]: 400})
+    assert (second.key, second.begin, second.table.num_rows, second.last) == (names[0], 400, 200, True)
+    assert source.next_window({names[0]: FILE_ROWS, names[1]: FILE_ROWS}) is None
+    assert source.quarantined == ["broken.parquet"] and (tmp_path / "landing" / QUARANTINE / "broken.parquet").exists()
