@@ -237,6 +237,13 @@ def test_two_ray_workers_train_like_one_process_in_ram(tiny_root, ray_cluster, t
     assert disk.metrics["valid/auc"] == pytest.approx(ram.metrics["valid/auc"], abs=0.002)
     assert disk.metrics["valid/logloss"] == pytest.approx(ram.metrics["valid/logloss"], abs=1e-3)
     assert all((tmp_path / "rows" / f"rank-{r}-of-2" / "rows.bin").exists() for r in range(2))
+    from recmem.export.job import export_job
+    from recmem.serving import load_bundle
+
+    bundle = load_bundle(export_job(tiny_config(tiny_root, tmp_path / "ray", *_ssd(tmp_path / "rows"),
+                                                "ray.num_workers=2", *common), tmp_path / "bundle", "fp32"))
+    assert bundle.manifest["export_check"]["max_abs_logit_diff"] <= 1e-5, bundle.manifest["export_check"]
+    assert [t["lookup"] for t in bundle.manifest["tables"]] == ["modulo"] * 4
 
 
 def _collisionless(tmp_path, storage: str):

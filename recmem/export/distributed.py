@@ -5,6 +5,7 @@ Each worker builds its part of the model under the run's sharding plan and loads
 
     ID-sharded collisionless shard   -> its live IDs and rows (the shard's own ``to_serving``)
     ID-sharded row-keyed shard       -> its global rows r, r + W, ... of each feature
+    (``hash``-like, or ``ssd``: read from its disk)
     TorchRec DMP part (table-, row-  -> its (first row, first column, block) of each feature
     or column-wise)
 
@@ -191,6 +192,7 @@ def rank_pieces(model: Any, rank: int, world_size: int) -> dict[str, tuple[str, 
 
     from recmem.tables.replicated import ReplicatedTable
     from recmem.tables.sharded import RowShard, ShardedTable
+    from recmem.tables.ssd import SSDTable
     from recmem.train.distributed.dmp import DmpTables
 
     out: dict[str, tuple[str, Any]] = {}
@@ -205,6 +207,10 @@ def rank_pieces(model: Any, rank: int, world_size: int) -> dict[str, tuple[str, 
             for t, f in enumerate(table.feature_names):
                 mine = torch.arange(rank, shard.global_rows[t], world_size)
                 out[f] = ("rows", [(mine, 0, shard.rows.weights(t)[: len(mine)].detach().clone())])
+        elif isinstance(table, ShardedTable) and isinstance(table.shard, SSDTable):
+            shard = table.shard
+            for f, form in zip(table.feature_names, shard.to_serving()):  # its rows k = rank mod W, in order
+                out[f] = ("rows", [(torch.arange(rank, shard.num_embeddings, world_size), 0, form.tensors["rows"])])
         else:  # a whole table (one worker) or an ID shard: its own serving form
             part = table.shard if isinstance(table, ShardedTable) else table
             out.update({f: ("form", form) for f, form in zip(table.feature_names, part.to_serving())})
@@ -220,8 +226,19 @@ def merged_forms(cfg: Config, gathered: list[dict[str, tuple[str, Any]]]) -> lis
 
     sparse = list(cfg.data.schema.sparse)
     needs_rows = any(kind == "rows" for pieces in gathered for kind, _ in pieces.values())
-    whole = build_tables(cfg.model.tables, sparse, Path(cfg.data.root), cfg.seed,
-                         output_dim=model_embedding_dim(cfg.model)) if needs_rows else None
+    width = model_embedding_dim(cfg.model)
+
+    def in_ram(kind: type, block: Any, names: list[str], seed: int, root: Path, where: str) -> Any:
+        # An ssd block's rows go into its RAM twin, hash (the same rows, id mod n): a bundle holds
+        # every row anyway, and building the ssd table here would make a row file on disk.
+        if block.kind == "ssd":
+            from recmem.tables.hash import HashTable
+
+            return HashTable(names, block.num_embeddings, block.embedding_dim, block.learning_rate, seed)
+        return kind.from_config(block, names, seed, root, where, output_dim=width)
+
+    whole = build_tables(cfg.model.tables, sparse, Path(cfg.data.root), cfg.seed, make=in_ram,
+                         output_dim=width) if needs_rows else None
     forms = []
     for f in sparse:
         kinds = {pieces[f][0] for pieces in gathered if f in pieces}
