@@ -118,56 +118,6 @@ def test_bad_files_are_quarantined_never_trained(stream, tmp_path):
     assert (landing / ".d-in-flight.parquet").exists()
 
 
-@pytest.mark.slow
-def test_sigkill_at_several_points_trains_every_row_exactly_once(stream, tmp_path):
-    """Kill -9 the loop mid-commit (a checkpoint being written), mid-window (just after a commit)
-    and after several commits, restarting each time while files keep landing; by file accounting
-    and by weights the result equals a run that was never interrupted."""
-    root, table = stream
-    landing = tmp_path / "landing"
-    names = land(landing, table, 4)
-    work = tmp_path / "killed"
-    command = [sys.executable, "-m", "recmem.cli", "online",
-               *tiny_overrides(root, work, f"online.landing={landing}", "online.idle_exit_s=1",
-                               "online.poll_interval_s=0.05", *COLLISIONLESS)]
-    folder = work / "runs" / "online"
-
-    def run_until(seen) -> None:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 120
-            while not seen() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert proc.poll() is None, "the loop ended before the kill point"
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait()
-
-    def steps() -> int:
-        done = list_checkpoints(folder)
-        return int(done[-1].stem.split("-")[1]) if done else 0
-
-    run_until(lambda: folder.is_dir() and any(p.name.startswith(".step-") for p in folder.iterdir()))  # mid-commit
-    base = steps()
-    run_until(lambda: steps() >= base + 3)  # one more window committed, then killed inside the next
-    names += land(landing, table, 2, first=4)  # more files land while the loop is down
-    run_until(lambda: steps() >= 12)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
-    state = final_state(work)
-    assert state["online"]["offsets"] == {n: FILE_ROWS for n in names}  # every file, every row
-    assert state["online"]["rows"] == 6 * FILE_ROWS and state["online"]["windows"] == 6
-    assert state["step"] == 6 * 3  # one step per batch: a window trained twice would add steps
-
-    reference = run_online(online_config(root, tmp_path / "never_killed", landing), say=lambda _: None)
-    assert reference.offsets == state["online"]["offsets"]
-    expected = final_state(tmp_path / "never_killed")
-    for key, value in expected["model"].items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, state["model"][key]), key
-
-
-
 def initial_bundle(cfg, out: Path) -> Path:
     """The serving bundle of the loop's starting model (the same seed builds the same weights)."""
     from recmem.export.job import bundle_info, export_model
@@ -265,11 +215,13 @@ def test_delta_of_k_touched_rows_of_a_10m_row_table_holds_k_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_delta_then_sigterm_keep_the_server_whole(stream, tmp_path):
-    """A loop pushing to a real server over HTTP is killed while the server handles its delta
-    (the server applies it: the loop died, the server moved on), restarted, stopped by SIGTERM after
-    a commit (exit 0, whole windows only), restarted again: the server ends equal to the final
-    checkpoint, every file trained once."""
+def test_sigkill_and_sigterm_at_every_stage_train_every_row_once_and_keep_the_server_whole(stream, tmp_path):
+    """``recmem online`` pushing to a real server over HTTP is killed -9 mid-commit (a checkpoint
+    being written), mid-delta (while the server handles its push, which it then applies: the loop
+    died, the server moved on) and mid-window (right after a commit), with files landing while it
+    is down, then stopped by SIGTERM (exit 0 with whole windows only) and run to the end. By file
+    accounting and by weights the result equals a run never interrupted, and the server answers as
+    the final checkpoint."""
     from recmem.export.check import probe_batch
     from recmem.serve.http import ModelHTTPServer
     from recmem.serve.service import ModelService, Served
@@ -279,40 +231,54 @@ def test_sigkill_mid_delta_then_sigterm_keep_the_server_whole(stream, tmp_path):
     root, table = stream
     landing = tmp_path / "landing"
     names = land(landing, table, 4)
-    work = tmp_path / "w"
-    tables = ["model.tables.0.options.track_changes=true", "online.sync_interval_s=0", "online.dense_every=1"]
-    cfg = online_config(root, work, landing, *tables)
+    work = tmp_path / "killed"
+    sync = ["model.tables.0.options.track_changes=true", "online.sync_interval_s=0", "online.dense_every=1"]
+    cfg = online_config(root, work, landing, *sync)
     procs: list[subprocess.Popen] = []
     deltas: list[int] = []
+    kill_on_delta = [0]
 
     class KillingService(ModelService):
         def delta(self, body: bytes):
-            deltas.append(len(body))
-            if len(deltas) == 2:  # the loop dies while its delta is in the server's hands
+            deltas.append(len(procs))
+            if kill_on_delta[0] == len(procs):  # the loop dies while its delta is in the server's hands
                 procs[-1].kill()
             return super().delta(body)
 
     service = KillingService("m", Served(load_bundle(initial_bundle(cfg, tmp_path / "bundles"))))
     server = ModelHTTPServer(("127.0.0.1", 0), service)
     server.start()
-    endpoint = f"http://127.0.0.1:{server.port}"
     command = [sys.executable, "-m", "recmem.cli", "online",
                *tiny_overrides(root, work, f"online.landing={landing}", "online.idle_exit_s=1",
-                               "online.poll_interval_s=0.05", *COLLISIONLESS, *tables, f"online.endpoints=[{endpoint}]")]
-    try:
-        procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-        assert procs[-1].wait(timeout=120) == -signal.SIGKILL
-        names += land(landing, table, 2, first=4)
+                               "online.poll_interval_s=0.05", *COLLISIONLESS, *sync,
+                               f"online.endpoints=[http://127.0.0.1:{server.port}]")]
+    folder = work / "runs" / "online"
+
+    def steps() -> int:
+        done = list_checkpoints(folder)
+        return int(done[-1].stem.split("-")[1]) if done else 0
+
+    def launch_until(seen, sig: int = signal.SIGKILL) -> subprocess.Popen:
         procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        committed = len(deltas)
         deadline = time.monotonic() + 120
-        while len(deltas) == committed and time.monotonic() < deadline:  # its first push (a full resend)
-            time.sleep(0.01)
-        procs[-1].send_signal(signal.SIGTERM)
-        out, err = procs[-1].communicate(timeout=120)
-        assert procs[-1].returncode == 0, err[-2000:]
-        stopped_at = int(out.split("recmem online: ")[-1].split(" windows")[0])
-        assert stopped_at < 6  # it stopped on SIGTERM, not for lack of files
+        while not seen() and procs[-1].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert procs[-1].poll() is None or procs[-1].returncode == -signal.SIGKILL, "it ended before the kill point"
+        procs[-1].send_signal(sig)
+        procs[-1].communicate(timeout=120)
+        return procs[-1]
+
+    try:
+        launch_until(lambda: folder.is_dir() and any(p.name.startswith(".step-") for p in folder.iterdir()))
+        kill_on_delta[0] = 2  # the second launch dies inside its first push
+        assert launch_until(lambda: len(procs) in deltas).returncode == -signal.SIGKILL
+        names += land(landing, table, 2, first=4)  # more files land while the loop is down
+        base = steps()
+        launch_until(lambda: steps() >= base + 3)  # one more window committed, killed inside the next
+        pushed = len(deltas)
+        stopped = launch_until(lambda: len(deltas) > pushed, signal.SIGTERM)  # after its first push
+        assert stopped.returncode == 0
+        assert final_state(work)["online"]["windows"] < 6  # it stopped on SIGTERM, not for lack of files
         done = subprocess.run(command, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-2000:]
     finally:
@@ -322,15 +288,24 @@ def test_sigkill_mid_delta_then_sigterm_keep_the_server_whole(stream, tmp_path):
         server.shutdown()
         server.server_close()
     state = final_state(work)
-    assert state["online"]["offsets"] == {n: FILE_ROWS for n in names} and state["step"] == 6 * 3
+    assert state["online"]["offsets"] == {n: FILE_ROWS for n in names}  # every file, every row
+    assert state["online"]["rows"] == 6 * FILE_ROWS and state["online"]["windows"] == 6
+    assert state["step"] == 6 * 3  # one step per batch: a window trained twice would add steps
+
+    reference = run_online(online_config(root, tmp_path / "never_killed", landing), say=lambda _: None)
+    assert reference.offsets == state["online"]["offsets"]
+    expected = final_state(tmp_path / "never_killed")
+    for key, value in expected["model"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state["model"][key]), key
     model = build_job_model(cfg)
     model.load_state_dict(state["model"])
     model.eval()
     probe = probe_batch(cfg)
     with torch.no_grad():
-        expected = model(probe)
-    got = served_logits(service, probe, list(cfg.data.schema.sparse))
-    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+        logits = model(probe)
+    served = served_logits(service, probe, list(cfg.data.schema.sparse))
+    assert torch.allclose(served, logits, atol=1e-5), float((served - logits).abs().max())
 
 
 @pytest.mark.slow

@@ -109,16 +109,31 @@ def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
     Raises:
         ResumeError: the newest checkpoint was written for another model config or stream.
     """
+    o = cfg.online
+    if cfg.ray.enabled and cfg.ray.num_workers > 1:
+        raise ConfigError(f"ray.num_workers={cfg.ray.num_workers}: recmem online trains in one process (windows "
+                          "on Ray workers are not built); set ray.num_workers=1")
+    previous = {}
+    if stop is None:
+        stop = StopFlag()
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            previous = {s: signal.signal(s, stop.set) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _follow(cfg, say, stop, source or LandingDirectory(o.landing, cfg.data.schema, o.window_rows,
+                                                                  report=say), post)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _follow(cfg: Config, say: Say, stop: StopFlag, source: StreamSource,
+            post: Callable[[str, bytes], tuple[int, dict]] | None) -> OnlineResult:
+    """:func:`run_online`'s loop (its arguments, resolved)."""
     from recmem.train.checkpoint import LocalCheckpoints
     from recmem.train.guards import state_bytes
     from recmem.train.loop import TrainingSession, build_job_model, make_dense_optimizer
 
     o = cfg.online
-    if cfg.ray.enabled and cfg.ray.num_workers > 1:
-        raise ConfigError(f"ray.num_workers={cfg.ray.num_workers}: recmem online trains in one process (windows "
-                          "on Ray workers are not built); set ray.num_workers=1")
-    stop = stop if stop is not None else _signal_stop()
-    source = source or LandingDirectory(o.landing, cfg.data.schema, o.window_rows, report=say)
     model = build_job_model(cfg)
     optimizer = make_dense_optimizer(cfg, model.dense_parameters())
     store = LocalCheckpoints(Path(cfg.workdir) / o.checkpoint_dir, cfg.train.resume, key=online_key(cfg),
@@ -199,12 +214,3 @@ def _status(record: dict[str, Any], rows: int, seconds: float) -> str:
     delta = f", delta {record['delta_rows']:,} rows -> {record['delta_version']}" if "delta_version" in record else ""
     return (f"recmem online: window {record['window']} ({record['key']}, {record['rows']:,} rows) auc "
             f"{record['auc']:.4f} lag {record['lag_s']:.1f} s, {rows / max(seconds, 1e-9):,.0f} rows/s{delta}")
-
-
-def _signal_stop() -> StopFlag:
-    """A stop flag that SIGTERM and SIGINT set (when called from the main thread)."""
-    stop = StopFlag()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop.set)
-        signal.signal(signal.SIGINT, stop.set)
-    return stop
