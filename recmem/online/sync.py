@@ -129,9 +129,9 @@ class DeltaPublisher:
         :meth:`resume`; returns how many endpoints took it."""
         self.paused, done = True, 0
         for endpoint in self.endpoints:
-            status, health = self.post(f"{endpoint}/health", b"")
+            status, answer = self.post(f"{endpoint}/health", b"")
             if status == 200:
-                status, answer = self.post(f"{endpoint}/delta", _encode(bundle.full_delta(health["version"])))
+                status, answer = self.post(f"{endpoint}/delta", _encode(bundle.full_delta(answer["version"])))
             if status == 200:
                 done += 1
             else:
