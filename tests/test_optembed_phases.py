@@ -75,7 +75,8 @@ def test_command_runs_three_nested_phases_resumes_and_exports(tiny_root, tmp_pat
                                                                            output_format="list")}
     assert len(runs) == 4 and set(runs) == {"optembed", "optembed/supernet", "optembed/search", "optembed/retrain"}
     parent = runs["optembed"].info.run_id
-    assert all(runs[f"optembed/{p}"].data.tags["mlflow.parentRunId"] == parent for p in ("supernet", "search", "retrain"))
+    phases = ("supernet", "search", "retrain")
+    assert all(runs[f"optembed/{p}"].data.tags["mlflow.parentRunId"] == parent for p in phases)
     assert "train/aux_loss" in runs["optembed/supernet"].data.metrics
     assert runs["optembed/search"].data.params["tables.0.widths"].startswith("[")
 
@@ -110,3 +111,17 @@ def test_command_runs_three_nested_phases_resumes_and_exports(tiny_root, tmp_pat
     assert model.tables.memory_bytes() <= 7000  # the search's max_bytes held
     rows = sum(f.tensors["rows"].shape[0] for f in model.tables.to_serving())
     assert rows == sum(len(k) for k in plan.keys)  # only the kept rows are exported
+
+
+@pytest.mark.slow
+def test_one_ray_worker_trains_a_supernet_and_a_retrained_block(tiny_root, ray_cluster, tmp_path):
+    from recmem.train.distributed import train_ray
+
+    keys = [torch.as_tensor(load_ids(tiny_root, f)[::2].copy()) for f in ("C3", "C4")]
+    Plan(["C3", "C4"], 8, [3, 8], keys, [True, False]).save(tmp_path / "plan.pt")
+    blocks = ("model.tables=[{kind: optembed, embedding_dim: 8, feature_names: [C1, C2]}, "
+              f"{{kind: optembed, embedding_dim: 8, feature_names: [C3, C4], options: {{plan: {tmp_path / 'plan.pt'}}}}}]")
+    cfg = tiny_config(tiny_root, tmp_path, blocks, "ray.num_workers=1", "ray.cpus_per_worker=0.5",
+                      "train.max_steps=8", "tracking.enabled=false")
+    result = train_ray(cfg)
+    assert result.step == 8 and result.metrics["valid/auc"] > 0.55

@@ -7,8 +7,8 @@
    evolutionary search (``recmem/train/evolution.py``) whose knobs are the first ``optembed``
    block's options. Its state is saved after every generation in ``<checkpoint_dir>/search``
    (``state.json``) and a rerun continues from there (more ``iterations`` extend it) unless the
-   supernet or the search's other options changed (``key.json``); the outcome is one plan file per block (``plan-<i>-<sha256>.pt``:
-   widths, kept IDs, whether the OOV row was kept).
+   supernet or the search's other options changed (``key.json``); the outcome is one plan file
+   per block (``plan-<i>-<sha256>.pt``: widths, kept IDs, whether the OOV row was kept).
 3. **retrain**: the model again from scratch, each ``optembed`` block now the compact table of its
    plan (``options.plan``), trained by the loop (checkpoints in ``<checkpoint_dir>/retrain-<sha256>``,
    one folder per set of plans).
@@ -176,9 +176,10 @@ def search_phase(cfg: Config, supernet_cfg: Config, blocks: list[int],
         return not options.max_bytes or compact_bytes(kept, list(candidate)) <= options.max_bytes
 
     if not allowed(tuple([1] * sum(sizes))):
+        least = compact_bytes(kept, [1] * sum(sizes))
         raise ConfigError(f"model.tables.{blocks[0]}.options.max_bytes: {options.max_bytes:,} is out of reach: the "
-                          f"{sum(kept):,} rows the thresholds kept take {compact_bytes(kept, [1] * sum(sizes)):,} bytes "
-                          "at width 1 (raise options.alpha or options.threshold_lr to prune more, or options.min_count)")
+                          f"{sum(kept):,} rows the thresholds kept take {least:,} bytes at width 1 (raise "
+                          "options.alpha or options.threshold_lr to prune more, or options.min_count)")
     settings = SearchSettings(options.population, options.top_k, options.mutations, options.crossovers,
                               options.mutation_prob, options.iterations, cfg.seed)
     path = folder / "state.json"

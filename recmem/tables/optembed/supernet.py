@@ -27,6 +27,7 @@ in backward, as the rows' optimizer is; its state is in the table's state.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -46,12 +47,14 @@ class UnitStep(torch.autograd.Function):
     """S(x) = 1 where x > 0, else 0; backward multiplies by :func:`step_gradient`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        """x [...] -> 0/1 [...] of x's dtype."""
         ctx.save_for_backward(x)
         return (x > 0).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        """The incoming gradient times the surrogate derivative at x."""
         (x,) = ctx.saved_tensors
         return grad * step_gradient(x)
 
@@ -81,8 +84,8 @@ class SupernetTable(torch.nn.Module):
         sample_widths: draw widths in training (False: train at ``widths``, OptEmbed-E alone).
     """
 
-    def __init__(self, feature_names: list[str], vocabularies: list, embedding_dim: int, learning_rate: float,
-                 alpha: float, threshold_lr: float, threshold_init: float = 0.0, seed: int = 0,
+    def __init__(self, feature_names: list[str], vocabularies: list[np.ndarray], embedding_dim: int,
+                 learning_rate: float, alpha: float, threshold_lr: float, threshold_init: float = 0.0, seed: int = 0,
                  sample_widths: bool = True) -> None:
         super().__init__()
         self.feature_names = list(feature_names)
