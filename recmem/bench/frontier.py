@@ -166,13 +166,22 @@ def run_frontier(cfg: Config, opts: FrontierOptions) -> list[Point]:
         log = RunLogger(parent_cfg)
         log.log_params({"frontier.ratios": ",".join(f"{r:g}" for r in opts.ratios), "frontier.steps": str(steps),
                         "frontier.full_bytes": str(full_bytes)})
-        for kind in opts.kinds:
-            for ratio in (1,) if kind == "full" else opts.ratios:  # full: the reference, at 1x only
-                points.append(_point(cfg, kind, ratio, Budget(cfg, full_bytes, ratio, measure), steps, out,
-                                     tracking_uri, opts.learning_rates.get(kind)))
+        # full (the reference, at 1x only) first, then ratio by ratio in the order given, so that a
+        # long run's partial report (rewritten after every point) holds whole ratios
+        order = [("full", 1.0)] if "full" in opts.kinds else []
+        order += [(kind, ratio) for ratio in opts.ratios for kind in opts.kinds if kind != "full"]
+        for kind, ratio in order:
+            points.append(_point(cfg, kind, ratio, Budget(cfg, full_bytes, ratio, measure), steps, out, tracking_uri,
+                                 opts.learning_rates.get(kind)))
+            write_report(_in_table_order(points, opts.kinds), full_bytes, steps, cfg, out, None)
+        points = _in_table_order(points, opts.kinds)
         write_report(points, full_bytes, steps, cfg, out, log)
         log.close()
     return points
+
+
+def _in_table_order(points: list[Point], kinds: tuple[str, ...]) -> list[Point]:
+    return sorted(points, key=lambda p: (kinds.index(p.kind), p.ratio))
 
 
 def _point(cfg: Config, kind: str, ratio: float, budget: Budget, steps: int, out: Path, tracking_uri: str,
@@ -199,8 +208,8 @@ def _point(cfg: Config, kind: str, ratio: float, budget: Budget, steps: int, out
 
 
 def write_report(points: list[Point], full_bytes: int, steps: int, cfg: Config, out: Path, log) -> None:
-    """``frontier.md`` (table and targets), ``frontier.png`` and ``points.json`` in ``out``, logged
-    to the parent run as artifacts and one metric per point."""
+    """``frontier.md`` (table and targets), ``frontier.png`` and ``points.json`` in ``out``; with a
+    ``log`` (the parent run's logger) also logged as artifacts and one metric per point, and printed."""
     import json
 
     from recmem.bench.frontier_report import plot, table, targets
@@ -212,6 +221,8 @@ def write_report(points: list[Point], full_bytes: int, steps: int, cfg: Config, 
     (out / "points.json").write_text(json.dumps([asdict(p) for p in points], indent=1, default=str))
     figure = plot(points, f"valid AUC vs embedding bytes ({name}, {steps} steps each)")
     figure.savefig(out / "frontier.png", dpi=120)
+    if log is None:
+        return
     log.log_figure(figure, "frontier.png")
     log.log_text(text, "frontier.md")
     for p in points:

@@ -71,13 +71,12 @@ def targets(points) -> list[str]:
 
 
 def plot(points, title: str):
-    """valid AUC against measured bytes (log x), one line per trained kind; a matplotlib figure."""
-    import matplotlib
+    """valid AUC against measured bytes (log x), one line per trained kind; a matplotlib figure
+    (outside pyplot: nothing to close)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    ax = figure.subplots()
     for kind in dict.fromkeys(p.kind for p in points):
         mine = sorted((p for p in points if p.kind == kind and p.trained), key=lambda p: p.bytes)
         if mine:
