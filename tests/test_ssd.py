@@ -160,7 +160,7 @@ def test_a_model_trains_to_the_same_metrics_as_in_ram(tiny_root, tmp_path):
 def test_sigkill_mid_training_resumes_to_the_same_auc(tiny_root, tmp_path):
     """Kill -9 a run between checkpoints (rows being written back), restart it: it resumes from its
     last checkpoint and ends where an uninterrupted run ends."""
-    common = ["train.epochs=12", "train.checkpoint_every=10", "tracking.enabled=false", "ray.enabled=false"]
+    common = ["train.epochs=5", "train.checkpoint_every=10", "tracking.enabled=false", "ray.enabled=false"]
     straight = train_local(tiny_config(tiny_root, tmp_path / "straight", *_ssd(tmp_path / "rows_a"), *common))
     gc.collect()  # let go of the folder's lock before another process could want it
     overrides = tiny_overrides(tiny_root, tmp_path / "killed", *_ssd(tmp_path / "rows_b"), *common)
