@@ -20,3 +20,10 @@ def test_quick_run_measures_the_three_variants(capsys, tmp_path):
     assert 0 < prefetch["cache_hit_rate"] < 1 and prefetch["misses_per_step"] > 0
     assert record["disk_reads_per_second"] > 0 and record["peak_rss_ssd"] > record["rss_baseline"] > 0
     assert lines[0].startswith("cpu capability: ")
+
+
+def test_formats_compares_the_block_file_with_the_peers_present(capsys, tmp_path):
+    main(["--formats", "--quick", "--folder", str(tmp_path)])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["formats"]["block"] > 0
+    assert all(isinstance(v, float) or v.startswith("not installed") for v in record["formats"].values())

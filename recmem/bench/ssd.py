@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ class SSDBenchOptions:
         disk_reads: random blocks read to time the disk.
         io_threads: reads in flight at once.
         seed: seeds data and models.
-        folder: where the row file goes (empty: a temporary folder, removed afterwards).
+        folder: where the row file goes (under ``<folder>/rows``, removed afterwards; empty: a
+            temporary folder).
     """
 
     tables: int = 26
@@ -192,6 +194,7 @@ def run_ssd_bench(opts: SSDBenchOptions) -> SSDMeasured:
         measured.samples_per_second = {k: s / max(t, 1e-9) for k, (s, t) in totals.items()}
         measured.peak_rss_all = _peak_rss()
         disk.close()
+        shutil.rmtree(folder)  # gigabytes: a run leaves none behind, also under --folder
         del ram_model, ssd_model
     return measured
 

@@ -43,6 +43,10 @@ class FormatOptions:
     seed: int = 0
 
 
+QUICK_FORMATS = FormatOptions(rows=20_000, batch=2000, batches=2)
+"""Tiny sizes (the smoke test)."""
+
+
 def _drop_cache(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
