@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,41 @@ def test_collisionless_on_disk_admits_expires_and_trains_as_in_ram(tmp_path):
     state = disk.state_dict()
     assert "rows.tbe.weights_host" not in state and state["_extra_state"]["disk"]["where"].numel() == store.num_rows
     disk.disk.disk.close()
+
+
+def _disk_collisionless_rank(rank: int, folder: str) -> None:
+    """Rank ``rank`` of 2: an ID-sharded collisionless table with its rows on disk, fed through the
+    lookahead, equals the unsharded in-RAM table at every step (tests/test_collisionless_sharded.py's)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from recmem.tables.collisionless import CollisionlessTable
+    from recmem.tables.sharded import sharded_table
+    from tests.test_collisionless_sharded import BLOCK, LOCAL, NAMES as PAIR, WORLD, _bags, _kjt, _loss
+
+    disk_block = dataclasses.replace(BLOCK, options={**BLOCK.options, "storage": "ssd",
+                                                     "ssd": {"path": folder, "cache_rows": 40}})
+    reference = CollisionlessTable.from_config(BLOCK, PAIR, 3, Path("."), "model.tables.0")
+    parts = CollisionlessTable.shard_from_config(disk_block, PAIR, 3, Path("."), "model.tables.0", rank, WORLD)
+    sharded = sharded_table(PAIR, 4, parts, dist.group.WORLD)
+    mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    local = [Batch(torch.zeros(LOCAL, 1), _kjt([f[mine] for f in _bags(step)]), torch.zeros(LOCAL)) for step in range(5)]
+    for step, batch in enumerate(lookahead(local, TableCollection([sharded], PAIR), 2)):
+        for table in (reference, sharded):
+            table.observe_time(step)
+        expected = reference(_kjt(_bags(step)))
+        _loss(expected, WORLD * LOCAL).backward()
+        got = sharded(batch.sparse_features)
+        _loss(got, LOCAL).backward()
+        torch.testing.assert_close(got, expected[mine].detach(), atol=1e-6, rtol=1e-5)
+    freed = torch.tensor([sharded.evict(150)])
+    dist.all_reduce(freed)
+    assert int(freed) == reference.evict(150) > 0
+
+
+def test_id_sharded_collisionless_on_disk_trains_as_in_ram(tmp_path):
+    from tests.ranks import run_ranks
+
+    run_ranks(_disk_collisionless_rank, tmp_path, str(tmp_path / "rows"))
+    assert (tmp_path / "rows" / "rank-0-of-2" / "rows.bin").exists()
