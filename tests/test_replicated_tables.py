@@ -23,7 +23,7 @@ BLOCKS = [  # kinds whose rows are shared between IDs: neither row- nor ID-shard
                 options={"collisions": 3, "threshold": 1}),
     TableConfig(kind="multihash", embedding_dim=8, feature_names=["C2", "C3"], num_embeddings=23,
                 learning_rate=0.1, options={"num_hashes": 2}),
-    TableConfig(kind="full", embedding_dim=8, feature_names=["C4"], learning_rate=0.1),
+    TableConfig(kind="mixed_dim", embedding_dim=4, feature_names=["C4"], learning_rate=0.1),  # narrow rows behind a learned projection (a dense parameter)
 ]
 
 
@@ -41,7 +41,7 @@ def _build(root: Path, group=None):
     def make(kind, cfg, names, seed, data_root, where):
         table = kind.from_config(cfg, names, seed, data_root, where, output_dim=8)
         return ReplicatedTable(table, group) if group is not None else table
-    return build_tables(BLOCKS, small_schema().sparse, root, seed=3, make=make)
+    return build_tables(BLOCKS, small_schema().sparse, root, seed=3, make=make, output_dim=8)
 
 
 def _two_steps(tables, batches: list, batch_size: int) -> list[torch.Tensor]:
@@ -62,7 +62,7 @@ def _rank(rank: int, root: Path) -> dict[str, Any]:
     mine = [local[rank], local[WORLD + rank]]  # this rank's halves of global batches 0 and 1
     before, after = _two_steps(tables, mine, LOCAL_BATCH)
     return {"before": before, "after": after, "state": tables.state_dict(),
-            "stats": [t.stats() for t in tables.tables]}
+            "grads": [p.grad for p in tables.dense_parameters()], "stats": [t.stats() for t in tables.tables]}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,11 @@ def test_replicas_step_as_the_single_table_on_the_global_batch(ranks):
     assert (reference["after"] - reference["before"]).abs().max() > 1e-4  # the step moved rows
     for key in ("before", "after"):
         torch.testing.assert_close(torch.cat([r[key] for r in results]), reference[key], atol=1e-5, rtol=0)
+    grads = [p.grad for p in whole.dense_parameters()]  # the projection's, summed over both steps
+    assert grads and all(g is not None and g.abs().max() > 0 for g in grads)
+    for result in results:  # every replica holds the global batch's gradient: no all-reduce needed
+        for mine, expected in zip(result["grads"], grads, strict=True):
+            torch.testing.assert_close(mine, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_replicas_stay_identical(ranks):
@@ -97,5 +102,5 @@ def test_the_replicated_kinds_are_the_ones_that_cannot_be_split():
     from recmem.tables.sharded import RowKeyedKind, ShardableKind
 
     unsplittable = {name for name, kind in TABLE_KINDS.items() if not isinstance(kind, (RowKeyedKind, ShardableKind))}
-    assert {"qr", "multihash"} <= unsplittable
+    assert {"qr", "multihash", "mixed_dim"} <= unsplittable
     assert not {"full", "hash", "collisionless"} & unsplittable
