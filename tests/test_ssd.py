@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,15 +147,19 @@ def _ssd(path, cache_rows=180) -> list[str]:
             f"model.tables.0.options={{path: {path}, cache_rows: {cache_rows}}}"]
 
 
-def test_a_model_trains_to_the_same_metrics_as_in_ram(tiny_root, tmp_path):
+def test_a_model_trains_to_the_same_metrics_as_in_ram(tiny_root, tmp_path, capsys):
     common = ["train.epochs=2", "tracking.enabled=false", "ray.enabled=false"]
     ram = train_local(tiny_config(tiny_root, tmp_path / "ram", "model.tables.0.kind=hash",
                                   "model.tables.0.num_embeddings=64", *common))
-    disk = train_local(tiny_config(tiny_root, tmp_path / "ssd", *_ssd(tmp_path / "rows"), *common))
+    capsys.readouterr()
+    disk = train_local(tiny_config(tiny_root, tmp_path / "ssd", *_ssd(tmp_path / "rows"), *common,
+                                   "train.progress=true", "train.log_every=2"))
     assert disk.step == ram.step
     for key in ("valid/auc", "valid/logloss"):
         assert disk.metrics[key] == pytest.approx(ram.metrics[key], abs=1e-6)
     assert disk.metrics["tables/0/cache_hit_rate"] < 1
+    bar = capsys.readouterr().err  # the progress bar shows how well the cache keeps up
+    assert re.search(r"hit=[01]\.\d{3}", bar) and re.search(r"wait=\d+\.\d\ds", bar), bar[-500:]
 
 
 @pytest.mark.slow

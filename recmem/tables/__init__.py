@@ -93,6 +93,12 @@ class TableCollection(torch.nn.Module):
         return [(i, t.prefetch(_select(features, t.feature_names)))
                 for i, t in enumerate(self.tables) if isinstance(t, Prefetchable)]
 
+    def prefetch_stats(self) -> dict[str, float]:
+        """``<i>/<stat>`` of the prefetching tables only (cache hit rates, prefetch wait, disk bytes):
+        what the loop reports between validations. Their counters restart, as after ``stats``."""
+        return {f"{i}/{k}": v for i, t in enumerate(self.tables) if isinstance(t, Prefetchable)
+                for k, v in t.stats().items()}
+
     def release(self, tickets: list[tuple[int, object]]) -> None:
         """Unpin the rows of the batch :meth:`prefetch` gave ``tickets`` for."""
         for i, ticket in tickets:

@@ -283,10 +283,17 @@ class TrainingSession:
         logged = {"train/loss": (self._loss_sum - self._aux_sum) / self._loss_n, "train/samples_per_second": sps}
         if has_aux:
             logged["train/aux_loss"] = self._aux_sum / self._loss_n
+        postfix = {"loss": f"{logged['train/loss']:.4f}", "sps": f"{sps:,.0f}"}
+        disk = self.model.tables.prefetch_stats()  # tables that read rows from disk: how well the cache keeps up
+        if disk:
+            logged.update({f"tables/{k}": v for k, v in disk.items()})
+            hits = [v for k, v in disk.items() if k.endswith("/cache_hit_rate")]
+            postfix["hit"] = f"{sum(hits) / len(hits):.3f}"
+            postfix["wait"] = f"{sum(v for k, v in disk.items() if k.endswith('/prefetch_wait_seconds')):.2f}s"
         self.reported.update(logged)
         self.log.log_metrics(logged, self.step)
         self.history.append({"step": self.step, **{k: v for k, v in logged.items() if "loss" in k}})
-        self.bar.set_postfix(loss=f"{logged['train/loss']:.4f}", sps=f"{sps:,.0f}")
+        self.bar.set_postfix(postfix)
         self._loss_sum, self._aux_sum, self._loss_n = 0.0, 0.0, 0
 
     def checkpoint(self, progress: dict[str, Any]) -> None:
