@@ -11,7 +11,9 @@ For each, from the command's own MLflow run (``recmem/train/loop.py`` logs these
   open, workers started, their model built, first step done).
 
 Beside them, Ray's own floor (:func:`ray_floor`): the same start-up with an empty training loop,
-the least any Ray Train job pays on this machine. And the data stream alone: the rate at which a worker's reader (``recmem/train/distributed/data.py``:
+the least any Ray Train job pays on this machine; and the floor of plain Ray actors
+(:func:`ray_floor` with ``plain=True``): one actor that imports torch and joins a gloo group, what a
+worker group started without Ray Train would pay. And the data stream alone: the rate at which a worker's reader (``recmem/train/distributed/data.py``:
 its row ranges read with pyarrow and collated into Batches) delivers one pass over the training split
 on one core, for each worker of 1 and of 2, against the rate its trainer consumes (run (b)'s steps).
 """
@@ -45,7 +47,7 @@ class RayPathOptions:
         workdir: where data and runs go; the data is generated once and kept.
         overrides: more ``key=value`` settings for every run (e.g. fewer rows).
         variants: which of :data:`VARIANTS` to run, in order.
-        floor: also measure Ray's floor (:func:`ray_floor`).
+        floor: also measure Ray's floors (:func:`ray_floor`, Ray Train's and a plain actor's).
         repeat: rounds of the variants, taken in turn (so that a burst of load on a shared machine
             hits them alike); each variant's figures are those of its median round by pass
             samples/s, with the spread of that rate beside them.
@@ -91,10 +93,11 @@ def run_ray_path(opts: RayPathOptions, say=print) -> RayPathResult:
         median = next(r for r in runs if r["train/pass_samples_per_second"] == rates[len(rates) // 2])
         result.runs[name] = {**median, "pass_min": rates[0], "pass_max": rates[-1]}
     if opts.floor:
-        say("Ray's floor: an empty training loop")
-        floor = subprocess.run([sys.executable, "-c", "from recmem.bench.ray_path import ray_floor; ray_floor()"],
-                               capture_output=True, text=True, check=True)
-        result.runs["ray_floor"] = json.loads(floor.stdout.strip().splitlines()[-1])
+        for name, plain in (("ray_floor", False), ("actor_floor", True)):
+            say(f"Ray's floor: {'a plain actor' if plain else 'an empty Ray Train loop'}")
+            floor = subprocess.run([sys.executable, "-c", f"from recmem.bench.ray_path import ray_floor; ray_floor({plain})"],
+                                   capture_output=True, text=True, check=True)
+            result.runs[name] = json.loads(floor.stdout.strip().splitlines()[-1])
     for workers in (1, 2):
         for rank in range(workers):
             result.stream[workers, rank] = stream_rate(base, workers, rank)
@@ -120,29 +123,56 @@ def timed_command(opts: RayPathOptions, name: str) -> dict[str, float]:
     return {**run.data.metrics, "wall_s": wall}
 
 
-def ray_floor() -> None:
+def ray_floor(plain: bool = False) -> None:
     """Print, as JSON, the start-up of an empty Ray Train job started as recmem starts its workers
     (embedded Ray without dashboard, one worker of one CPU, gloo): seconds from this process's start
-    to Ray ready and to the worker's first line, and the wall time to the end of ``fit()``."""
+    to Ray ready and to the worker's first line, and the wall time to the end of ``fit()``. With
+    ``plain``, the worker is a plain Ray actor that imports torch and joins a one-rank gloo group."""
     import psutil
     import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     started = psutil.Process().create_time()
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
     ready = time.time()
-    with tempfile.TemporaryDirectory(prefix="recmem-floor-") as storage:
-        trainer = TorchTrainer(
-            _report_entry, torch_config=TorchConfig(backend="gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=ray.train.RunConfig(storage_path=storage, name="floor",
-                                           logging_config=ray.train.LoggingConfig(log_level="WARNING")))
-        entered = trainer.fit().metrics["entered"]
+    if plain:
+        entered = ray.get(ray.remote(num_cpus=1)(_PlainWorker).remote().enter.remote())
+    else:
+        import ray.train
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        with tempfile.TemporaryDirectory(prefix="recmem-floor-") as storage:
+            trainer = TorchTrainer(
+                _report_entry, torch_config=TorchConfig(backend="gloo"),
+                scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                run_config=ray.train.RunConfig(storage_path=storage, name="floor",
+                                               logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+            entered = trainer.fit().metrics["entered"]
     ray.shutdown()
     print(json.dumps({"startup/ray_ready_s": ready - started, "startup/worker_start_s": entered - started,
                       "wall_s": time.time() - started}))
+
+
+class _PlainWorker:
+    """A Ray actor doing what a Ray Train worker does before the user's function: torch, a gloo group."""
+
+    def enter(self) -> float:
+        import torch.distributed as dist
+
+        from recmem.bench.ray_path import _free_port
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        entered = time.time()
+        dist.destroy_process_group()
+        return entered
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _report_entry(config: dict) -> None:
@@ -193,7 +223,7 @@ def report(result: RayPathResult) -> str:
         lines.append(f"| {name} | {m['wall_s']:.1f} | {m['train/pass_samples_per_second']:,.0f} | {ratio} "
                      f"| {m['pass_min']:,.0f}-{m['pass_max']:,.0f} | {m['train/samples_per_second']:,.0f} | {m['train/data_wait_seconds']:.1f} "
                      f"| {m.get('startup/first_step_s', float('nan')):.1f} | {m['valid/auc']:.4f} |")
-    lines += ["\nstart-up: seconds from the command's start to each phase (ray_floor: an empty Ray Train job)\n",
+    lines += ["\nstart-up: seconds from the command's start to each phase (ray_floor: an empty Ray Train job; actor_floor: a plain Ray actor joining a gloo group)\n",
               "| run | " + " | ".join(STARTUP) + " |", "|---|" + "---:|" * len(STARTUP)]
     for name, m in runs.items():
         lines.append(f"| {name} | " + " | ".join(_seconds(m.get(f"startup/{k}_s")) for k in STARTUP) + " |")
