@@ -69,6 +69,13 @@ def test_targets_pass_and_fail_by_the_numbers():
     assert "FAIL multihash vs hash at 16x" in lines[4] and "PASS multihash vs hash at 64x" in lines[5]
 
 
+def test_a_point_trained_longer_does_not_count():
+    longer = Point("optembed", 16, 60, 16.7, 0.81, 0.5, 0.0, 1000.0, 20)
+    lines = targets([_point("full", 1, 0.8), _point("hash", 16, 0.79), longer])
+    assert lines[0] == "NOTE at 16x: optembed (AUC 0.8100) trained 20 steps, not full's 10: not counted"
+    assert lines[1].startswith("FAIL at 16x: best hash AUC 0.7900")
+
+
 def test_a_point_short_of_its_ratio_does_not_count():
     # qr measured at 10x does not stand for 16x; no other kind reached it
     lines = targets([_point("full", 1, 0.8), _point("qr", 16, 0.8, achieved=10.0), _point("hash", 16, 0.7)])
