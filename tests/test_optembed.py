@@ -206,3 +206,12 @@ def test_plan_errors_name_the_option_and_file(tiny_root, tmp_path):
     with pytest.raises(ConfigError, match="model.tables.0.options.max_bytes: -1 is out of range"):
         build_tables([TableConfig(kind="optembed", embedding_dim=D, options={"max_bytes": -1})],
                      SCHEMA.sparse, tiny_root)
+
+
+def test_the_supernet_digest_takes_empty_tensors_of_any_stride():
+    from recmem.train.optembed import _digest
+
+    strided = torch.zeros(0, dtype=torch.long).as_strided((0,), (0,))  # a field that kept no row, as loaded
+    assert _digest({"a": strided, "b": torch.ones(3)}) == _digest({"a": torch.zeros(0, dtype=torch.long), "b": torch.ones(3)})
+    assert _digest({"a": strided, "b": torch.ones(3)}) != _digest({"b": torch.ones(3)})
+    assert _digest({"b": torch.ones(3)}) != _digest({"b": torch.ones(3).double()})

@@ -37,6 +37,7 @@ def test_two_workers_with_replicated_kinds_train_like_one_and_export(root, ray_c
     assert result.metrics["valid/logloss"] == pytest.approx(reference.metrics["valid/logloss"], abs=1e-3)
     params = mlflow.MlflowClient(cfg.tracking.tracking_uri).get_run(result.run.split()[1]).data.params
     assert [params[f"sharding.{f}"] for f in ("C1", "C2", "C3", "C4")] == ["replicated"] * 4
+    assert params["tables.2.width.C4"] == "4"  # mixed_dim's plan, through its replica
     bundle = load_bundle(export_job(cfg, tmp_path / "bundles", "fp32"))
     assert bundle.manifest["export_check"]["max_abs_logit_diff"] <= 1e-5, bundle.manifest["export_check"]
     assert [t["kind"] for t in bundle.manifest["tables"]] == ["qr", "qr", "multihash", "mixed_dim"]

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recmem.tables.base import ServingForm
+from recmem.tables.base import HasPlan, ServingForm
 
 
 class ReplicatedTable(torch.nn.Module):
@@ -85,6 +85,10 @@ class ReplicatedTable(torch.nn.Module):
     def dense_parameters(self) -> list[torch.nn.Parameter]:
         """The table's own dense parameters (kept equal on every worker by the global step)."""
         return self.table.dense_parameters() if hasattr(self.table, "dense_parameters") else []
+
+    def plan(self) -> dict[str, str]:
+        """The table's layout chosen at build time (``base.HasPlan``; empty for kinds without one)."""
+        return self.table.plan() if isinstance(self.table, HasPlan) else {}
 
     def memory_bytes(self) -> int:
         """Bytes of this worker's replica."""

@@ -124,9 +124,11 @@ def _digest(state: dict) -> str:
     file's bytes may change while its weights do not)."""
     h = hashlib.sha256()
     for name in sorted(state):
-        if isinstance(state[name], torch.Tensor):
-            h.update(name.encode())
-            h.update(state[name].detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        tensor = state[name]
+        if isinstance(tensor, torch.Tensor):
+            h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            if tensor.numel():  # an empty tensor may carry stride 0, which no byte view accepts
+                h.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
