@@ -127,20 +127,29 @@ def initial_bundle(cfg, out: Path) -> Path:
     return export_model(model, cfg, out, "fp32", bundle_info(cfg, {"model": model.state_dict(), "step": 0}, "initial"))
 
 
-def served_logits(service, batch, sparse: list[str]) -> torch.Tensor:
-    kjt = batch.sparse_features
-    return service.served.bundle.logits(batch.dense_features, [kjt[f].values() for f in sparse],
-                                        [kjt[f].lengths().to(torch.int64) for f in sparse])
+def assert_serves(service, cfg, state: dict) -> None:
+    """The server answers the first validation rows as the model of checkpoint ``state`` does (1e-5)."""
+    from recmem.export.check import probe_batch
+    from recmem.train.loop import build_job_model
+
+    model = build_job_model(cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    probe = probe_batch(cfg)
+    with torch.no_grad():
+        expected = model(probe)
+    kjt, sparse = probe.sparse_features, list(cfg.data.schema.sparse)
+    got = service.served.bundle.logits(probe.dense_features, [kjt[f].values() for f in sparse],
+                                       [kjt[f].lengths().to(torch.int64) for f in sparse])
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
 
 
 @pytest.mark.parametrize("kind", ["collisionless", "hash"])
 def test_deltas_keep_a_server_equal_to_the_trained_model(stream, tmp_path, kind):
     """Deltas after each commit (a server swapped to another version meanwhile gets a full resend),
     and the server answers as the final checkpoint does; evicted IDs are deleted there too."""
-    from recmem.export.check import probe_batch
     from recmem.serve.service import ModelService, Served
     from recmem.serving import load_bundle
-    from recmem.train.loop import build_job_model
 
     root, table = stream
     landing = tmp_path / "landing"
@@ -168,15 +177,7 @@ def test_deltas_keep_a_server_equal_to_the_trained_model(stream, tmp_path, kind)
     assert all(0 < r["freshness_s"] < 600 for r in records)  # landing (file mtime) to served
     assert all(r["delta_rows"] > 0 for r in records)
     assert service.served.bundle.version == records[-1]["delta_version"]
-    state = final_state(tmp_path / "w")
-    model = build_job_model(cfg)
-    model.load_state_dict(state["model"])
-    model.eval()
-    probe = probe_batch(cfg)
-    with torch.no_grad():
-        expected = model(probe)
-    got = served_logits(service, probe, list(cfg.data.schema.sparse))
-    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+    assert_serves(service, cfg, final_state(tmp_path / "w"))
 
 
 @pytest.mark.slow
@@ -222,11 +223,9 @@ def test_sigkill_and_sigterm_at_every_stage_train_every_row_once_and_keep_the_se
     is down, then stopped by SIGTERM (exit 0 with whole windows only) and run to the end. By file
     accounting and by weights the result equals a run never interrupted, and the server answers as
     the final checkpoint."""
-    from recmem.export.check import probe_batch
     from recmem.serve.http import ModelHTTPServer
     from recmem.serve.service import ModelService, Served
     from recmem.serving import load_bundle
-    from recmem.train.loop import build_job_model
 
     root, table = stream
     landing = tmp_path / "landing"
@@ -298,14 +297,7 @@ def test_sigkill_and_sigterm_at_every_stage_train_every_row_once_and_keep_the_se
     for key, value in expected["model"].items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, state["model"][key]), key
-    model = build_job_model(cfg)
-    model.load_state_dict(state["model"])
-    model.eval()
-    probe = probe_batch(cfg)
-    with torch.no_grad():
-        logits = model(probe)
-    served = served_logits(service, probe, list(cfg.data.schema.sparse))
-    assert torch.allclose(served, logits, atol=1e-5), float((served - logits).abs().max())
+    assert_serves(service, cfg, state)
 
 
 @pytest.mark.slow

@@ -72,7 +72,7 @@ class ReplicatedTable(torch.nn.Module):
 
     def _global_backward(self, grad: torch.Tensor, everyone: KeyedJaggedTensor) -> None:
         """Run the table's backward for the global batch (``grad``: this worker's [b, F, D])."""
-        grads = _gather_rows(grad.contiguous(), self.group)  # [W * b, F, D]
+        grads, _ = _gather_rows(grad.contiguous(), self.group)  # [W * b, F, D]
         self._sent_bytes += grads.numel() * grads.element_size()
         with torch.enable_grad():
             pooled = self.table(everyone)
@@ -115,34 +115,33 @@ class _GlobalStep(torch.autograd.Function):
         return None, None, None, None
 
 
-def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Concatenate every worker's ``x`` along dim 0 (their first dims may differ)."""
+def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate every worker's ``x`` along dim 0 (their first dims may differ); also each
+    worker's first dim."""
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([x.shape[0]]), group=group)
-    longest = int(max(s.item() for s in sizes))
-    padded = x.new_zeros((longest, *x.shape[1:]))
+    counts = [int(n) for n in sizes]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]), counts
 
 
 def _gather_features(features: KeyedJaggedTensor, group: dist.ProcessGroup) -> KeyedJaggedTensor:
     """The KJT of the global batch: every worker's bags, rank after rank, within each key."""
     keys, batch = features.keys(), features.stride()
     lengths = features.lengths().view(len(keys), batch)  # [F, b]
-    all_lengths = _gather_rows(lengths.t().contiguous(), group).t()  # [F, W * b]
-    per_key = features.length_per_key()
-    values = features.values()
-    # Within each worker's values the keys come one after another; reorder to key-major after the gather.
-    all_values = _gather_rows(values, group)
-    strides = _gather_rows(torch.tensor([batch]), group).tolist()
-    counts = _gather_rows(torch.tensor([per_key]), group).tolist()  # [W][F] values per key per worker
+    all_lengths, strides = _gather_rows(lengths.t().contiguous(), group)  # [W * b, F], each worker's b
+    all_values, _ = _gather_rows(features.values(), group)
+    # Within each worker's values the keys come one after another; reorder to key-major. A worker's
+    # values per key are the sums of its lengths.
+    per_worker = [part.sum(0).tolist() for part in torch.split(all_lengths, strides)]  # [W][F]
     pieces, start = [[] for _ in keys], 0
-    for w in range(len(strides)):
-        for k, n in enumerate(counts[w]):
+    for counts in per_worker:
+        for k, n in enumerate(counts):
             pieces[k].append(all_values[start : start + n])
             start += n
     ordered = torch.cat([torch.cat(p) for p in pieces]) if keys else all_values
-    return KeyedJaggedTensor(keys=keys, values=ordered, lengths=all_lengths.flatten(), stride=sum(strides))
+    return KeyedJaggedTensor(keys=keys, values=ordered, lengths=all_lengths.t().flatten(), stride=sum(strides))
