@@ -16,3 +16,12 @@
   kinds at 1x-64x less memory than ``full``, each kind's sizing and training in ``frontier_kinds.py``,
   the table, plot and targets in ``frontier_report.py``.
 """
+
+
+def free_port() -> int:
+    """A local TCP port the OS just had free (for a benchmark's server or gloo group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

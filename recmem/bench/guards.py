@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from recmem.bench import free_port
 
 
 def _flag_worker(rank: int, port: int, steps: int, out: dict) -> None:
@@ -38,11 +39,8 @@ def _flag_worker(rank: int, port: int, steps: int, out: dict) -> None:
 
 def flag_cost(steps: int = 2000) -> float:
     """Microseconds per step of the 2-rank agreement when no rank has a problem (the common case)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_flag_worker, args=(port, steps, out), nprocs=2)
+    mp.spawn(_flag_worker, args=(free_port(), steps, out), nprocs=2)
     return out["flag_us"]
 
 

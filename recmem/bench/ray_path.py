@@ -159,20 +159,12 @@ class _PlainWorker:
     def enter(self) -> float:
         import torch.distributed as dist
 
-        from recmem.bench.ray_path import _free_port
+        from recmem.bench import free_port
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         entered = time.time()
         dist.destroy_process_group()
         return entered
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _report_entry(config: dict) -> None:

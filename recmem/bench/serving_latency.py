@@ -25,6 +25,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from recmem.bench import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("embedded", "starlette", "aiohttp", "ray_serve")
 
@@ -108,21 +110,13 @@ def _wait_healthy(port: int, proc: subprocess.Popen | None, seconds: float = 120
     raise RuntimeError(f"no server answered on port {port} within {seconds:.0f} s")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running(server: str, bundle: Path) -> Iterator[int]:
     """Start ``server`` on ``bundle`` in processes of its own; yields its port and stops it after."""
     if server == "ray_serve":
         yield from _ray_serve(bundle)
         return
-    port = _free_port()
+    port = free_port()
     if server == "embedded":
         cmd = [sys.executable, "-m", "recmem.cli", "serve", "--bundle", str(bundle), "--port", str(port)]
     else:
@@ -144,7 +138,7 @@ def _ray_serve(bundle: Path) -> Iterator[int]:
     sys.path.insert(0, str(ROOT / "deploy" / "serve"))
     import recmem_deployment
 
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
