@@ -17,7 +17,8 @@ from recmem.lock import LockedError, exclusive
 from recmem.tracking.outbox import TrackingUnavailable
 
 COMMANDS = {
-    "generate": "write recmem's synthetic Criteo-shaped click log (Parquet + feature statistics) to data.root",
+    "generate": "write recmem's synthetic Criteo-shaped click log (Parquet + feature statistics) to data.root, "
+                "or with --landing land its training rows as a stream of files over time",
     "prepare": "convert a raw click log (data.raw.path: Criteo TSV or CSV) to Parquet + statistics in data.root",
     "train": "train the configured model on data.root (on Ray unless ray.enabled=false), validating, "
              "checkpointing and logging to MLflow",
@@ -43,6 +44,7 @@ COMMANDS = {
 EPILOG = """examples:
   recmem quickstart
   recmem generate --config jobs/configs/quickstart.yaml data.synthetic.train_rows=100000
+  recmem generate --config jobs/configs/online.yaml --landing runs/online/landing --every 3
   recmem prepare --config jobs/configs/criteo_kaggle_10k.yaml
   recmem train --config jobs/configs/criteo_kaggle_10k.yaml train.epochs=3 model.tables.0.kind=hash \\
       model.tables.0.num_embeddings=100000
@@ -72,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
             _registry_arguments(name, c)
         c.add_argument("--config", "-c", help="YAML config (default: embedded defaults)")
         c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=2")
+        if name == "generate":
+            _generate_arguments(c)
         if name == "export":
             _export_arguments(c)
         if name == "serve":
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             from recmem.tracking.logger import quiet_libraries
 
             quiet_libraries()
-        return {"generate": _generate, "prepare": _prepare, "train": _train,
+        return {"generate": lambda c: _generate(c, args), "prepare": _prepare, "train": _train,
                 "evaluate": _evaluate, "quickstart": _quickstart, "online": _online,
                 "export": lambda c: _export(c, args), "register": lambda c: _register(c, args),
                 "promote": lambda c: _promote(c, args), "models": lambda c: _models(c, args),
@@ -106,12 +110,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _generate(cfg: Config) -> int:
+def _generate_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--landing", help="land the training rows as files in this folder (or pyarrow URI) over time, "
+                                     "for `recmem online`, instead of writing data.root")
+    c.add_argument("--every", type=float, default=3.0, help="--landing: seconds between files (default 3; 0: at once)")
+    c.add_argument("--file-rows", type=int, default=5000, help="--landing: rows per file (default 5000)")
+    c.add_argument("--files", type=int, default=0, help="--landing: stop after this many (default 0: the whole "
+                                                         "training split, data.synthetic.train_rows rows)")
+
+
+def _generate(cfg: Config, args: argparse.Namespace) -> int:
     from recmem.data.synthetic import generate
 
+    if args.landing:
+        return _land(cfg, args)
     with exclusive(cfg.data.root, "generate"):
         summary = generate(cfg.data.synthetic, cfg.data.schema, Path(cfg.data.root), progress=True)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _land(cfg: Config, args: argparse.Namespace) -> int:
+    """``recmem generate --landing``: the synthetic log's training rows, one file every ``--every`` s,
+    until done or stopped (SIGINT / SIGTERM end it between two files, exit 0)."""
+    import contextlib
+    import signal
+    import threading
+    import time
+
+    from recmem.data.synthetic import stream_tables
+    from recmem.online.producer import land_stream
+
+    if args.every < 0:
+        raise ValueError(f"--every {args.every:g}: seconds between files must not be negative")
+    tables = stream_tables(cfg.data.synthetic, cfg.data.schema, args.file_rows, args.files)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = time.perf_counter()
+    try:
+        with exclusive(args.landing, "generate --landing") if "://" not in args.landing else contextlib.nullcontext():
+            files = land_stream(tables, args.landing, args.every, stop=stop, event_time=cfg.data.schema.event_time,
+                                say=lambda line: print(f"recmem generate: {line}", flush=True))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    how = "stopped" if stop.is_set() else "done"
+    print(f"recmem generate: {how}: {files} files in {args.landing} in {time.perf_counter() - started:.0f} s")
     return 0
 
 

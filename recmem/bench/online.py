@@ -1,7 +1,8 @@
 """Online training figures (issue 13): online against frozen, and freshness with a server running.
 
 ``compare_frozen``: the config's training split, in time order, is landed as files of
-``file_rows`` rows; ``recmem online`` trains the first ``warmup_files`` windows, and a copy of that
+``file_rows`` rows (``producer.land_stream``, as ``recmem generate --landing`` lands the synthetic
+one); ``recmem online`` trains the first ``warmup_files`` windows, and a copy of that
 model is *frozen*; the loop then continues window by window (test-then-train). Every later window
 is also scored by the frozen model: the online model's mean test-then-train AUC against the frozen
 model's on the same windows is the margin drift costs a model that stops learning. Rows live per
@@ -9,11 +10,12 @@ window show the TTL bounding the tables. Works for the drifting synthetic stream
 a real, time-ordered log (the Criteo sample), whichever ``data.root`` the config names.
 
 ``freshness``: a model server (the embedded one, in this process) starts from the loop's first
-model; ``recmem online`` runs in its own process pushing deltas to it; a producer lands a file every
-``land_every_s`` seconds. For each file the producer picks an ID seen in no earlier file; the
-freshness of the file is the time from its rename into the landing folder until the server scores
-a row holding that ID differently from a row holding an ID never seen (the same request, so the
-same model version): i.e. until the server answers with a row trained from that file.
+model; ``recmem online`` runs in its own process pushing deltas to it; the producer of ``recmem
+generate --landing`` (``producer.land_stream``) lands a file every ``land_every_s`` seconds. For
+each file the benchmark picks an ID seen in no earlier file; the freshness of the file is the time
+from its rename into the landing folder until the server scores a row holding that ID differently
+from a row holding an ID never seen (the same request, so the same model version): i.e. until the
+server answers with a row trained from that file.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recmem.config import Config, load_config
+from recmem.online.producer import land_stream
 
 Say = Callable[[str], None]
 NEVER_SEEN = 2**62 + 12_345
@@ -80,14 +83,6 @@ def stream_table(cfg: Config, max_rows: int = 0) -> pa.Table:
     return table.slice(0, max_rows) if max_rows else table
 
 
-def land_file(landing: Path, name: str, table: pa.Table) -> float:
-    """Write ``table`` as ``landing/name`` the way producers must (write, then rename); the rename's time."""
-    tmp = landing / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    tmp.rename(landing / name)
-    return time.time()
-
-
 def _fresh(out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     (out / "landing").mkdir(parents=True)
@@ -104,8 +99,7 @@ def compare_frozen(opts: OnlineBenchOptions, say: Say = print) -> dict[str, Any]
     base = load_config(opts.config, list(opts.overrides))
     table = stream_table(base, opts.max_files * opts.file_rows)
     files = [table.slice(i, opts.file_rows) for i in range(0, table.num_rows, opts.file_rows)]
-    for i, piece in enumerate(files):
-        land_file(out / "landing", f"part-{i:05d}.parquet", piece)
+    land_stream(files, str(out / "landing"), 0.0, say=lambda line: None)
     cfg = load_config(opts.config, [*opts.overrides, f"workdir={out}", f"online.landing={out / 'landing'}",
                                     "online.idle_exit_s=0.01", "train.resume=true"])
     quiet = lambda line: None  # noqa: E731 (the per-window lines are in the summary)
@@ -178,12 +172,13 @@ def freshness(opts: OnlineBenchOptions, say: Say = print) -> dict[str, Any]:
         seen = {c: set() for c in cfg.data.schema.sparse}
         prober = _Prober(endpoint, cfg, probes)
         prober.start()
-        for k in range(count):
-            piece = table.slice(k * opts.file_rows, opts.file_rows)
+
+        def probe(k: int, name: str, piece: pa.Table, landed: float) -> None:
             column, new_id = _new_id(piece, cfg.data.schema.sparse, seen)
-            landed = land_file(out / "landing", f"part-{k:05d}.parquet", piece)
             probes[k] = {"column": column, "id": new_id, "landed": landed, "served": None}
-            time.sleep(max(0.0, landed + opts.land_every_s - time.time()))
+
+        pieces = (table.slice(k * opts.file_rows, opts.file_rows) for k in range(count))
+        land_stream(pieces, str(out / "landing"), opts.land_every_s, landed=probe, say=lambda line: None)
         deadline = time.time() + 60
         while any(p["served"] is None for p in probes.values()) and time.time() < deadline and loop.poll() is None:
             time.sleep(0.05)

@@ -1,10 +1,12 @@
-"""Writing a synthetic click log to Parquet, chunk by chunk, time-ordered, train before valid."""
+"""Writing a synthetic click log to Parquet, chunk by chunk, time-ordered, train before valid; or
+handing its training rows out as a stream of files (``recmem generate --landing``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,45 @@ def generate(cfg: SyntheticConfig, schema: SchemaConfig, out_root: Path, progres
     meta = {"config": dataclasses.asdict(cfg), "summary": summary}
     (out_root / "synthetic.json").write_text(json.dumps(meta, indent=2))
     return summary
+
+
+def stream_tables(cfg: SyntheticConfig, schema: SchemaConfig, file_rows: int,
+                  max_files: int = 0) -> Iterator[pa.Table]:
+    """The training split :func:`generate` writes, row for row, cut into tables of ``file_rows`` rows.
+
+    Each is what one landed file of a stream holds: the files follow each other in data time, and
+    since the log's IDs are born and die as data time passes (``ids.py``), later files hold IDs
+    earlier ones never had and stop holding some they had. Rows are made one ``cfg.chunk_rows``
+    chunk at a time, exactly as :func:`generate` makes them (the same config gives the same rows
+    as its ``train/`` parts), so memory stays at a chunk plus a file.
+
+    Args:
+        cfg: the generator's config (``train_rows`` bounds the stream).
+        schema: column names (as :func:`generate`).
+        file_rows: rows per table; the last one may be shorter.
+        max_files: stop after this many (0: the whole training split).
+
+    Raises:
+        ConfigError: a config :func:`generate` would refuse, or ``file_rows`` below 1.
+    """
+    _check(cfg, schema)
+    if file_rows < 1 or max_files < 0:
+        raise ConfigError(f"file rows ({file_rows}) must be positive and files ({max_files}) not negative")
+    truth = build_truth(cfg)
+    clock = Clock(cfg.start_time, cfg.num_days, cfg.train_rows + cfg.valid_rows, cfg.diurnal_amplitude)
+    rows = min(cfg.train_rows, max_files * file_rows) if max_files else cfg.train_rows
+    meter = OracleMeter()  # _chunk feeds one; the stream's summary does not need it
+    held: list[pa.Table] = []
+    for lo in range(0, rows, cfg.chunk_rows):
+        # Whole chunks (their rows depend on where they start), cut at the stream's end.
+        chunk = _chunk(truth, schema, clock, cfg.seed, lo, min(lo + cfg.chunk_rows, cfg.train_rows), meter)
+        held.append(chunk.slice(0, rows - lo))
+        while sum(t.num_rows for t in held) >= file_rows:
+            table = pa.concat_tables(held)
+            yield table.slice(0, file_rows)
+            held = [table.slice(file_rows)]
+    if sum(t.num_rows for t in held):
+        yield pa.concat_tables(held)
 
 
 def _chunk(
