@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recmem.online.distributed import GlobalBatches, next_shared_window, score_then_train_share, shares
+from recmem.online.distributed import (
+    GlobalBatches, gather_changes, next_shared_window, score_then_train_share, shares,
+)
 from recmem.online.loop import run_online
 from recmem.online.source import LandingDirectory
 from recmem.train.checkpoint import LocalCheckpoints, load_latest
@@ -25,6 +27,7 @@ WORLD = 2
 FILES = [600, 515, 3, 1]
 # A TTL of 8 data-time hours: rows expire along the stream (its event times span about a day).
 OVERRIDES = ["model.tables.0.kind=collisionless", "model.tables.0.options.capacity=2000",
+             "model.tables.0.options.track_changes=true",
              "model.tables.0.options.ttl=28800", "model.tables.0.options.min_count=1", "tracking.enabled=false",
              "online.idle_exit_s=0.01", "online.poll_interval_s=0.01"]
 
@@ -70,7 +73,7 @@ def _rank(rank: int, root: Path, landing: Path, work: Path) -> dict[str, Any]:
     session = TrainingSession(cfg, model, optimizer, store, rank=rank, track=False)
     hooks = GlobalBatches(model, session.evictable)
     source = LandingDirectory(str(landing), cfg.data.schema) if rank == 0 else None
-    offsets, records = {}, []
+    offsets, records, served = {}, [], {}
     while True:
         state, share = next_shared_window(source, offsets, cfg)
         if state != "window":
@@ -78,8 +81,15 @@ def _rank(rank: int, root: Path, landing: Path, work: Path) -> dict[str, Any]:
         _, record = score_then_train_share(session, share, cfg, hooks)
         offsets[share.key] = share.end
         records.append(record)
+        changes = gather_changes(model)
+        for name, change in (changes or {}).items():  # applied as a server applies deltas: frees first
+            rows = served.setdefault(name, {})
+            for i in change["freed"].tolist():
+                rows.pop(i, None)
+            rows.update(zip(change["ids"].tolist(), change["weights"]))
     dense = {k: v.detach().clone() for k, v in model.dense.module.state_dict().items()}
-    return {"records": records, "offsets": offsets, "pieces": rank_pieces(model, rank, WORLD), "dense": dense}
+    return {"records": records, "offsets": offsets, "pieces": rank_pieces(model, rank, WORLD), "dense": dense,
+            "served": served}
 
 
 def test_two_workers_train_the_stream_as_one_process(stream, tmp_path):
@@ -101,9 +111,14 @@ def test_two_workers_train_the_stream_as_one_process(stream, tmp_path):
     model = build_job_model(cfg)
     model.load_state_dict(state["model"])
     reference = model.tables.to_serving()
+    served = results[0]["served"]  # every window's gathered changes, applied in turn: the whole table
+    assert results[1]["served"] == {}
     for name, form, ref in zip(cfg.data.schema.sparse, merged_forms(cfg, [r["pieces"] for r in results]), reference):
         assert torch.equal(form.tensors["keys"], ref.tensors["keys"]), name
         torch.testing.assert_close(form.tensors["rows"], ref.tensors["rows"], atol=1e-4, rtol=0)
+        assert sorted(served[name]) == ref.tensors["keys"].tolist(), name
+        rows = torch.stack([served[name][i] for i in ref.tensors["keys"].tolist()])
+        torch.testing.assert_close(rows, ref.tensors["rows"], atol=1e-4, rtol=0)
     for key, value in model.dense.state_dict().items():
         for r in results:
             torch.testing.assert_close(r["dense"][key], value, atol=1e-4, rtol=0)

@@ -212,3 +212,28 @@ def score_then_train_share(session: Any, share: SharedWindow, cfg: Config,
                      "newest_time": share.newest, "rows_live": float(total)}
 
 
+
+
+def gather_changes(model: torch.nn.Module, group: Any = None) -> dict[str, dict[str, torch.Tensor]] | None:
+    """Every worker's changed and freed rows since the last call, merged on rank 0; collective.
+
+    Each ID shard of a table that records its changes (``take_changes``: ``collisionless`` with
+    ``options.track_changes``) hands over its own; owners never share an ID, so rank 0 concatenates
+    them. What travels is proportional to the rows touched, as for one process.
+
+    Returns:
+        On rank 0, ``{feature: {"ids": [n] int64, "weights": [n, D], "freed": [m] int64}}`` (the
+        shape of one table's ``take_changes``); None on the other ranks.
+    """
+    mine: dict[str, dict[str, torch.Tensor]] = {}
+    for table in model.tables.tables:
+        part = getattr(table, "shard", table)
+        if hasattr(part, "take_changes"):
+            mine.update(part.take_changes())
+    world = dist.get_world_size(group)
+    everyone: list[Any] | None = [None] * world if dist.get_rank(group) == 0 else None
+    dist.gather_object(mine, everyone, dst=0, group=group)
+    if everyone is None:
+        return None
+    return {name: {k: torch.cat([c[name][k] for c in everyone]) for k in ("ids", "weights", "freed")}
+            for name in everyone[0]}
