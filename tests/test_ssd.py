@@ -289,10 +289,10 @@ def test_collisionless_on_disk_admits_expires_and_trains_as_in_ram(tmp_path):
     store = disk.disk.disk.store
     live = np.concatenate([f * disk.disk.capacity + disk.slots.live(f)[1] for f in range(len(NAMES))])
     dead = np.setdiff1d(np.arange(store.num_rows), live)
-    assert (store.where[live] > 0).all() and (store.where[dead] == 0).all()  # expired rows deleted
+    assert (store.loc[live] > 0).all() and (store.loc[dead] == 0).all()  # expired rows deleted
     assert not store.read(dead)[:, :DIM].any()
     state = disk.state_dict()
-    assert "rows.tbe.weights_host" not in state and state["_extra_state"]["disk"]["where"].numel() == store.num_rows
+    assert "rows.tbe.weights_host" not in state and state["_extra_state"]["disk"]["loc"].numel() == store.num_rows
     disk.disk.disk.close()
 
 

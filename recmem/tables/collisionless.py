@@ -222,7 +222,7 @@ class CollisionlessTable(torch.nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         """The ID map, filter, counters and clock; rows and Adagrad state are the fused kernel's (in
-        RAM) or the disk's, committed here with a row map of one byte a row (``RowStore.commit``)."""
+        RAM) or the disk's, committed here with a row map of four bytes a row (``RowStore.commit``)."""
         state = {"slots": self.slots.state(), "now": self._now}
         return state if self.disk is None else {**state, "disk": self.disk.disk.commit()}
 

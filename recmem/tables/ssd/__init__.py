@@ -150,7 +150,7 @@ class SSDTable(torch.nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         """Write every dirty row back and commit the file: the state names the committed records
-        (``where``, one byte a row, and the generation), never copies them."""
+        (``loc``, four bytes a row, and the generation), never copies them."""
         return self.disk.commit()
 
     def set_extra_state(self, state: dict[str, Any]) -> None:

@@ -6,8 +6,10 @@ exactly as it would be in RAM. Which row sits in which slot, and which slots are
 still loading, is plain NumPy kept by the training thread; one background thread (the I/O worker)
 runs the disk jobs in order::
 
-    prefetch(rows)  [training thread]: hits pinned; misses get slots (free first, then the least
-                    recently used unpinned ones); one job queued: write back the evicted dirty rows,
+    prefetch(rows)  [training thread]: hits pinned; misses get slots from a clock hand (the
+                    second-chance approximation of LRU: a used slot's bit buys it one more turn
+                    of the hand, free slots are taken as the hand reaches them; O(misses) per
+                    step, not O(cache)); one job queued: write back the evicted dirty rows,
                     then read the misses into their slots
     wait(slots)     [training thread]: block until the jobs loading ``slots`` are done (timed)
 
@@ -23,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+from numba import njit
 
 from recmem.tables.fused import FusedRowwiseAdagrad
 from recmem.tables.ssd.store import RowStore
@@ -33,7 +36,7 @@ class CacheTooSmall(RuntimeError):
 
 
 class RowCache:
-    """``capacity`` rows of a store in RAM, LRU among the unpinned ones.
+    """``capacity`` rows of a store in RAM, evicted by a clock hand among the unpinned ones.
 
     Args:
         store: the rows on disk (R rows).
@@ -48,9 +51,9 @@ class RowCache:
         self.row_of = np.full(capacity, -1, dtype=np.int64)  # slot -> row, -1: free
         self.pins = np.zeros(capacity, dtype=np.int32)
         self.dirty = np.zeros(capacity, dtype=bool)
-        self.last_used = np.zeros(capacity, dtype=np.int64)
+        self.used = np.zeros(capacity, dtype=bool)  # the clock's reference bit: set at each pin
         self.loading_job = np.zeros(capacity, dtype=np.int64)  # job that fills the slot (0: none)
-        self._clock = 0
+        self._hand = 0
         self._jobs: dict[int, Future] = {}
         self._next_job = 1
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recmem-ssd")
@@ -76,8 +79,7 @@ class RowCache:
             victims = self._make_room(len(misses), len(rows))
             slots[~hit] = victims
             self._load(misses, victims)
-        self._clock += 1
-        self.last_used[slots] = self._clock
+        self.used[slots] = True
         return slots
 
     def fresh(self, rows: np.ndarray, records: np.ndarray) -> np.ndarray:
@@ -95,8 +97,7 @@ class RowCache:
         self.fused.weights(0).numpy()[slots] = records[:, :-1]
         self.fused.momentum(0).numpy()[slots] = records[:, -1]
         self.dirty[slots] = True
-        self._clock += 1
-        self.last_used[slots] = self._clock
+        self.used[slots] = True
         return slots
 
     def forget(self, rows: np.ndarray) -> None:
@@ -155,21 +156,16 @@ class RowCache:
         c["lookup_hits"] += int(occurrences[hit].sum())
 
     def _make_room(self, needed: int, window_rows: int) -> np.ndarray:
-        """``needed`` unpinned slots, free ones first, then the least recently used (evicted)."""
-        free = np.flatnonzero((self.row_of < 0) & (self.pins == 0))
-        if len(free) >= needed:
-            return free[:needed]
-        candidates = np.flatnonzero((self.row_of >= 0) & (self.pins == 0))
-        short = needed - len(free)
-        if len(candidates) < short:
+        """``needed`` unpinned slots where the clock hand finds them (evicting their rows), pinned."""
+        victims, self._hand = _clock(self.row_of, self.pins, self.used, self._hand, needed)
+        if len(victims) < needed:
+            self.pins[victims] = 0
             pinned = int((self.pins > 0).sum())
             raise CacheTooSmall(
                 f"the batches in the prefetch window pin {pinned + needed} rows, more than the cache's "
                 f"{self.capacity} (this batch alone {window_rows}); options.cache_rows must be at least "
                 f"{pinned + needed} for this data, or fewer batches ahead (train.prefetch_batches)")
-        order = np.argpartition(self.last_used[candidates], short - 1)[:short] if short < len(candidates) \
-            else np.arange(len(candidates))
-        return np.concatenate([free, candidates[order]])
+        return victims
 
     def _load(self, rows: np.ndarray, slots: np.ndarray, read: bool = True) -> None:
         """Queue a job writing back the dirty rows leaving ``slots`` and (if ``read``) reading ``rows``
@@ -209,7 +205,7 @@ class RowCache:
 
     def memory_bytes(self) -> int:
         """Cached rows and state, and the bookkeeping arrays (the row -> slot map is 4 bytes a row)."""
-        arrays = (self.slot_of, self.row_of, self.pins, self.dirty, self.last_used, self.loading_job)
+        arrays = (self.slot_of, self.row_of, self.pins, self.dirty, self.used, self.loading_job)
         return self.fused.memory_bytes() + sum(a.nbytes for a in arrays)
 
     def close(self) -> None:
@@ -217,3 +213,28 @@ class RowCache:
         self.drain()
         self._worker.shutdown()
         self.store.close()
+
+
+@njit(cache=True)
+def _clock(row_of: np.ndarray, pins: np.ndarray, used: np.ndarray, hand: int, needed: int) -> tuple[np.ndarray, int]:
+    """Advance the hand over the slots until ``needed`` unpinned ones are found: a free slot is taken,
+    a used one loses its bit and is passed over once. Taken slots are pinned (so a second turn of
+    the hand skips them). Two turns find every unpinned slot, so fewer than ``needed`` means the cache
+    is too small; returns (the slots found, the hand)."""
+    n = row_of.shape[0]
+    out = np.empty(needed, dtype=np.int64)
+    found = 0
+    for _ in range(2 * n):
+        if found == needed:
+            break
+        slot = hand
+        hand = hand + 1 if hand + 1 < n else 0
+        if pins[slot] > 0:
+            continue
+        if row_of[slot] >= 0 and used[slot]:
+            used[slot] = False
+            continue
+        pins[slot] = 1
+        out[found] = slot
+        found += 1
+    return out[:found], hand

@@ -104,10 +104,11 @@ class DiskRows:
                "prefetch_wait_seconds": c["wait_seconds"], "prefetch_waits": c["waits"],
                "read_bytes_per_step": store.bytes_read / steps, "written_bytes_per_step": store.bytes_written / steps,
                "rows_evicted": c["evicted"], "rows_written_back": c["written_back"],
+               "rows_compacted": float(store.rows_compacted),
                "disk_bytes": float(store.disk_bytes()), "cache_rows": float(self.cache.capacity)}
         for k in c:
             c[k] = 0.0
-        store.bytes_read = store.bytes_written = 0
+        store.bytes_read = store.bytes_written = store.rows_compacted = 0
         self.steps = 0
         return out
 
