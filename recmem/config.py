@@ -253,9 +253,9 @@ class TrainConfig:
 class TrackingConfig:
     """MLflow. Empty ``tracking_uri`` means ``MLFLOW_TRACKING_URI`` or the local SQLite store.
 
-    ``verbose`` lets the libraries' own console output through, for debugging: Ray's and Ray Train's
-    logs, fbgemm's and torchrec's logs, MLflow's, library warnings. Off,
-    a run prints recmem's progress, its MLflow run and its summary, and whatever goes wrong.
+    ``verbose`` lets the libraries' own console output through, for debugging: Ray's logs,
+    fbgemm's and torchrec's logs, MLflow's, library warnings. Off, a run prints recmem's progress,
+    its MLflow run and its summary, and whatever goes wrong.
     """
 
     tracking_uri: str = ""
@@ -294,7 +294,7 @@ class RayConfig:
     torch_threads: int = checked(0, NON_NEGATIVE)
     storage_path: str = ""
     run_name: str = checked("recmem", non_empty=True)
-    max_failures: int = checked(2, Range(-1))  # Ray's -1: retry forever
+    max_failures: int = checked(2, Range(-1))  # -1: retry forever
     sharding: Literal["auto", "id", "table_wise", "row_wise", "column_wise"] = "auto"
     measure_traffic: bool = False
 

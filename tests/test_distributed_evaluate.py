@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 import ray
-import ray.train
 import torch
 
 from recmem.cli import main
@@ -64,23 +64,22 @@ def test_complete_checkpoints_are_listed_newest_first(tmp_path):
     assert complete_checkpoints(fs, str(tmp_path / "nowhere")) == []
 
 
-def test_one_worker_resumes_from_the_checkpoint_before_a_corrupt_one(tmp_path, monkeypatch, capsys):
+def test_one_worker_resumes_from_the_checkpoint_before_a_corrupt_one(tmp_path, capsys):
     run = tmp_path / "recmem"
     folders = [_checkpoint(run, f"checkpoint_{step:02d}", step, range(1), world_size=1) for step in (4, 8)]
     for folder, step in zip(folders, (4, 8)):
         write_shard(folder, 0, {"step": step})
     (folders[1] / shard_name(0)).write_bytes(b"garbage")
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(folders[1])))
-    store = RayCheckpoints(0, 1, {})
+    folder = (pyarrow.fs.LocalFileSystem(), str(run))
+    store = RayCheckpoints(0, 1, {}, run=folder)
     assert store.load() == {"step": 4} and store.loaded_from == str(folders[0])
     assert f"skipping checkpoint {folders[1]}, a shard does not load (rank 0: " in capsys.readouterr().out
     (folders[0] / shard_name(0)).write_bytes(b"")
     with pytest.raises(RuntimeError, match=f"no checkpoint of the Ray run {run} loads on all 1 workers"):
-        RayCheckpoints(0, 1, {}).load()
+        RayCheckpoints(0, 1, {}, run=folder).load()
     with pytest.raises(ValueError, match="written by 1 workers with plan {}"):  # a mismatch: no fallback
-        RayCheckpoints(0, 1, {"sharding": "id"}).load()
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    assert RayCheckpoints(0, 1, {}).load() is None
+        RayCheckpoints(0, 1, {"sharding": "id"}, run=folder).load()
+    assert RayCheckpoints(0, 1, {}, run=(folder[0], str(tmp_path / "fresh"))).load() is None
 
 
 def test_no_checkpoint_names_the_storage_the_run_and_the_runs_there(tmp_path):

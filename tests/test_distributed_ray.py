@@ -78,7 +78,7 @@ def test_evaluate_scores_the_last_checkpoint_on_the_workers_that_wrote_it(two_wo
 
 
 def _train_workers() -> list[int]:
-    """PIDs of the Ray Train workers of this test's own Ray: descendants of this process only."""
+    """PIDs of the Ray workers of this test's own Ray: descendants of this process only."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -91,7 +91,7 @@ def _train_workers() -> list[int]:
         for child in children.get(stack.pop(), []):
             stack.append(child)
             try:
-                if b"RayTrainWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                if b"RecmemWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
                     found.append(child)
             except OSError:
                 continue

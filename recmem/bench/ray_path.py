@@ -10,10 +10,10 @@ For each, from the command's own MLflow run (``recmem/train/loop.py`` logs these
 - start-up: seconds from the command's start to each phase (``startup/*_s``: Ray ready, MLflow run
   open, workers started, their model built, first step done).
 
-Beside them, Ray's own floor (:func:`ray_floor`): the same start-up with an empty training loop,
-the least any Ray Train job pays on this machine; and the floor of plain Ray actors
-(:func:`ray_floor` with ``plain=True``): one actor that imports torch and joins a gloo group, what a
-worker group started without Ray Train would pay. And the data stream alone: the rate at which a worker's reader (``recmem/train/distributed/data.py``:
+Beside them, Ray's own floors (:func:`ray_floor`): the start-up of an empty Ray Train job, the least
+any Ray Train job pays on this machine (recmem's workers ran under Ray Train's ``TorchTrainer`` until
+it started them itself: the baseline); and the floor of plain Ray actors (``plain=True``): one actor
+that imports torch and joins a gloo group, the least recmem's own worker group (``group.py``) pays. And the data stream alone: the rate at which a worker's reader (``recmem/train/distributed/data.py``:
 its row ranges read with pyarrow and collated into Batches) delivers one pass over the training split
 on one core, for each worker of 1 and of 2, against the rate its trainer consumes (run (b)'s steps).
 """
@@ -124,10 +124,10 @@ def timed_command(opts: RayPathOptions, name: str) -> dict[str, float]:
 
 
 def ray_floor(plain: bool = False) -> None:
-    """Print, as JSON, the start-up of an empty Ray Train job started as recmem starts its workers
-    (embedded Ray without dashboard, one worker of one CPU, gloo): seconds from this process's start
-    to Ray ready and to the worker's first line, and the wall time to the end of ``fit()``. With
-    ``plain``, the worker is a plain Ray actor that imports torch and joins a one-rank gloo group."""
+    """Print, as JSON, the start-up of an empty Ray Train job (embedded Ray without dashboard, as
+    recmem starts it; one worker of one CPU, gloo): seconds from this process's start to Ray ready and
+    to the worker's first line, and the wall time to the end of ``fit()``. With ``plain``, the worker
+    is a plain Ray actor that imports torch and joins a one-rank gloo group, as recmem's are."""
     import psutil
     import ray
 

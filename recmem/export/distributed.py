@@ -12,8 +12,8 @@ Each worker builds its part of the model under the run's sharding plan and loads
 Rank 0 merges the ID pieces (owners never share an ID) and writes the row pieces into the unsharded
 tables' rows (the ``RowKeys`` contract: a row-keyed kind stores them as ``FusedRowwiseAdagrad`` in
 ``.rows``), takes the serving forms, and writes the bundle with the dense part (the same on every
-rank, DDP). Ray uploads it as the export run's checkpoint; the driver copies it out. The driver
-imports neither torch nor torchrec.
+rank, DDP) into ``<ray.storage_path>/<run>-export-<time>/``, where the driver, which may be on
+another node, copies it out and removes it. The driver imports neither torch nor torchrec.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def export_ray(cfg: Config, out: Path, fmt: str, folder: str | Path | None = Non
     ``folder``) into a bundle under ``out``; returns its folder.
 
     Starts as many workers as wrote the checkpoint, with ``ray.sharding`` as configured (it must be
-    the plan the checkpoint was written with), as a Ray run of its own (``<run>-export-<time>``).
+    the plan the checkpoint was written with).
 
     Raises:
         FileNotFoundError: no complete checkpoint there.
@@ -73,8 +73,9 @@ def export_ray(cfg: Config, out: Path, fmt: str, folder: str | Path | None = Non
     """
     import ray
 
+    from recmem.train.distributed.group import run_workers
     from recmem.train.distributed.launcher import (
-        _fit, _init_ray, _no_checkpoint_message, _storage_path, _trainer, resolve_paths,
+        _init_ray, _no_checkpoint_message, _run_folder, _storage_path, resolve_paths,
     )
 
     cfg = resolve_paths(cfg)
@@ -93,15 +94,16 @@ def export_ray(cfg: Config, out: Path, fmt: str, folder: str | Path | None = Non
     # fp32 on the CPU: the bundle's dense part runs so, and the export check compares like with like.
     cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, num_workers=workers),
                               train=dataclasses.replace(cfg.train, device="cpu", precision="fp32"))
-    payload = {"config": cfg, "fs": fs, "folder": exact, "format": fmt}
+    staging = _run_folder(storage, f"{name}-export-{time.strftime('%Y%m%d-%H%M%S')}")
+    payload = {"config": cfg, "fs": fs, "folder": exact, "format": fmt, "out": staging}
     started = _init_ray(cfg)
     try:
-        label = f"{name}-export-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = _fit(lambda: _trainer(cfg, storage, label, export_worker, payload), retries=0)
+        return _copy_out(staging[0], run_workers(cfg, export_worker, payload, retries=0), out)
     finally:
         if started:
             ray.shutdown()
-    return _copy_out(result.checkpoint, out)
+        if staging[0].get_file_info(staging[1]).type != pyarrow.fs.FileType.NotFound:
+            staging[0].delete_dir(staging[1])
 
 
 def _local_checkpoint(folder: Path) -> tuple[pyarrow.fs.FileSystem, str, str]:
@@ -119,32 +121,30 @@ def _local_checkpoint(folder: Path) -> tuple[pyarrow.fs.FileSystem, str, str]:
     return fs, found[0][0], str(folder)
 
 
-def _copy_out(checkpoint: Any, out: Path) -> Path:
-    """Copy the bundle folder the export run reported into ``out``; its path there."""
-    fs, path = checkpoint.filesystem, checkpoint.path
-    versions = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path))
-                if i.type == pyarrow.fs.FileType.Directory]
-    if len(versions) != 1:
-        raise RuntimeError(f"the export run reported {versions} in {path}, expected one bundle")
-    final = Path(out) / versions[0]
+def _copy_out(fs: pyarrow.fs.FileSystem, bundle: str, out: Path) -> Path:
+    """Copy the bundle folder rank 0 wrote (``bundle`` on ``fs``) into ``out``; its path there."""
+    version = posixpath.basename(bundle.rstrip("/"))
+    final = Path(out) / version
     if final.exists():
         return final
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out) / f".copy-{versions[0]}"
-    pyarrow.fs.copy_files(f"{path}/{versions[0]}", str(tmp), source_filesystem=fs,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    tmp = Path(out) / f".copy-{version}"
+    pyarrow.fs.copy_files(bundle, str(tmp), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
     tmp.rename(final)
     return final
 
 
-def export_worker(payload: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker`` for ``recmem export`` (see the module docstring).
+def export_worker(payload: dict[str, Any]) -> str | None:
+    """``recmem export`` on a worker (see the module docstring).
 
     Args:
         payload: ``{"config": Config, "fs": pyarrow FileSystem, "folder": checkpoint folder,
-            "format": row format}``; the driver started as many workers as wrote the checkpoint.
+            "format": row format, "out": (pyarrow FileSystem, folder)}``; the driver started as many
+            workers as wrote the checkpoint.
+
+    Returns:
+        On rank 0, the bundle's folder under ``out`` (on its filesystem); None on the others.
     """
-    import ray.train
     import torch
     import torch.distributed as dist
 
@@ -169,20 +169,24 @@ def export_worker(payload: dict[str, Any]) -> None:
         dist.gather_object(pieces, gathered, dst=0, group=dist.new_group(backend="gloo"))
     else:
         gathered = [pieces]
-    with tempfile.TemporaryDirectory(prefix="recmem-export-") as folder:
-        record = None
-        if rank == 0:
-            from recmem.export.job import bundle_info, feature_kinds, schema_dict
-            from recmem.export.writer import write_bundle
+    if rank > 0:
+        return None
+    from recmem.export.job import bundle_info, feature_kinds, schema_dict
+    from recmem.export.writer import write_bundle
 
-            forms = merged_forms(cfg, gathered)
-            info = bundle_info(cfg, state, payload["folder"], sharding=plan.get("sharding"))
-            kinds = feature_kinds(cfg.model.tables, list(cfg.data.schema.sparse))
-            written = write_bundle(folder, forms, kinds, model.dense, schema_dict(cfg), payload["format"], info)
-            if probe is not None:
-                check_bundle(written, probe, expected, list(cfg.data.schema.sparse))
-            record = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({"step": state["step"]}, checkpoint=record)
+    forms = merged_forms(cfg, gathered)
+    info = bundle_info(cfg, state, payload["folder"], sharding=plan.get("sharding"))
+    kinds = feature_kinds(cfg.model.tables, list(cfg.data.schema.sparse))
+    fs, staging = payload["out"]
+    with tempfile.TemporaryDirectory(prefix="recmem-export-") as folder:
+        written = write_bundle(folder, forms, kinds, model.dense, schema_dict(cfg), payload["format"], info)
+        if probe is not None:
+            check_bundle(written, probe, expected, list(cfg.data.schema.sparse))
+        bundle = f"{staging}/{Path(written).name}"
+        fs.create_dir(staging, recursive=True)
+        pyarrow.fs.copy_files(str(written), bundle, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+    return bundle
 
 
 def rank_pieces(model: Any, rank: int, world_size: int) -> dict[str, tuple[str, Any]]:

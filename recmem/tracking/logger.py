@@ -46,10 +46,6 @@ _QUIET_LEVELS = {
     "torch.fx._symbolic_trace": logging.ERROR,  # a note to torchrec's authors on each first forward
     # The local instance's default: token auth on, and how to opt out. recmem started that instance.
     "ray._private.authentication": logging.ERROR,
-    # Ray Train's placement-group cleaner asks Ray's state API (served by the dashboard) every second
-    # whether the run's controller lives, and warns when it cannot: on recmem's embedded instance,
-    # which runs without a dashboard and is shut down whole at the end of the run, every second.
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
 }
 _QUIET_PACKAGES = ("fbgemm_gpu", "torchrec", "ray")
 
@@ -58,9 +54,8 @@ class _LibraryInfoFilter(logging.Filter):
     """Drops records below WARNING logged from inside the given package folders.
 
     Levels cannot stop these: fbgemm logs with the root logger itself (``logging.info``: each TBE's
-    arguments, "Successfully loaded: ..." per library it loads) and Ray Train's worker with a logger
-    named after its file ("Reporting training result ..."). On Ray Train workers the root logger's
-    console handler prints them (as it prints ``print``, which Ray Train routes through it).
+    arguments, "Successfully loaded: ..." per library it loads), and Ray's libraries with loggers
+    named after their files.
     """
 
     def __init__(self, folders: list[str]) -> None:
@@ -69,17 +64,6 @@ class _LibraryInfoFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or not os.path.abspath(record.pathname).startswith(self.folders)
-
-
-class _ReportedErrorFilter(logging.Filter):
-    """Drops Ray Train's "Error in training function" traceback when a worker raises a ValueError:
-    recmem's driver raises that error as itself at once (no retry), and the CLI prints it as one
-    line (see ``launcher._fit``); other errors keep their traceback. Ray logs it while handling the
-    exception, so the exception is this thread's current one."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (isinstance(sys.exc_info()[1], ValueError)
-                    and record.getMessage().startswith("Error in training function"))
 
 
 def quiet_libraries() -> None:
@@ -99,9 +83,6 @@ def quiet_libraries() -> None:
         if not any(isinstance(f, _LibraryInfoFilter) for f in target.filters):
             target.addFilter(_LibraryInfoFilter(folders))
     warnings.filterwarnings("ignore", module=r"(torch|torchrec|fbgemm_gpu|mlflow|ray)(\.|$)")
-    ray_train = logging.getLogger("ray.train.v2._internal.util")
-    if not any(isinstance(f, _ReportedErrorFilter) for f in ray_train.filters):
-        ray_train.addFilter(_ReportedErrorFilter())
 
 
 def default_tracking_uri(workdir: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""The training loop: read it top to bottom. Ray Train workers host this same loop (see
+"""The training loop: read it top to bottom. Ray workers host this same loop (see
 ``distributed/worker.py``)."""
 
 from __future__ import annotations

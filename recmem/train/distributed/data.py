@@ -1,4 +1,4 @@
-"""Each Ray Train worker reads its own batches from the Parquet parts, by a plan the driver makes.
+"""Each Ray worker reads its own batches from the Parquet parts, by a plan the driver makes.
 
 The driver reads only the footers: :func:`plan_splits` lists each split's part files and their row
 groups (a :class:`~recmem.data.layout.SplitIndex`, local folder or filesystem URI) and hands it to
@@ -15,7 +15,7 @@ split (:func:`worker_ranges`). So
   batches only (as one worker does); validation also splits the last, partial global batch evenly,
   leaving out its last ``rows mod W`` rows (fewer than W).
 
-Ray stays the engine (Ray Train starts, places and restarts the workers); Ray Data is not in the
+Ray stays the engine (it starts, places and restarts the workers: ``group.py``); Ray Data is not in the
 path: its per-block overhead at one-batch blocks held a worker to about 10k rows/s, where reading
 the row groups directly delivers hundreds of thousands (``BENCHMARKS.md``).
 """

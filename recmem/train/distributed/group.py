@@ -100,7 +100,8 @@ def run_workers(cfg: Config, fn: Callable[[Any], T], payload: Any, retries: int 
 
     Raises:
         ValueError: what a worker raised as a ``ValueError`` (or a subclass), as itself, without retry.
-        WorkerFailed: a worker raised anything else or died, on the first start and on ``retries`` more.
+        WorkerFailed: a worker raised anything else or died, on the first start and on ``retries`` more
+            (-1: retried for ever).
     """
     import ray
 
@@ -111,11 +112,12 @@ def run_workers(cfg: Config, fn: Callable[[Any], T], payload: Any, retries: int 
         except _Failure as failure:
             if isinstance(failure.cause, ValueError):
                 raise failure.cause from None
-            if attempt > retries:
+            if 0 <= retries < attempt:
                 raise WorkerFailed(failure.rank, failure.cause, retries) from failure.cause
             why = (str(failure.cause).strip().splitlines() or [""])[0][:200]
             print(f"recmem: worker {failure.rank} failed ({type(failure.cause).__name__}: {why}); restarting "
-                  f"the workers from the latest checkpoint (retry {attempt} of {retries})", flush=True)
+                  f"the workers from the latest checkpoint (retry {attempt} of {retries if retries >= 0 else 'any'})",
+                  flush=True)
 
 
 class _Failure(Exception):
@@ -146,8 +148,8 @@ def _run_group(cfg: Config, fn: Callable[[Any], T], payload: Any) -> T:
                                  scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote(i)
                   for i in range(size)]
         places = _gather([a.place.remote() for a in actors])
-        master = _gather([actors[0].master.remote()])[0]
-        contexts = _contexts(places, gpu)
+        master = places[0][2]  # rank 0's
+        contexts = _contexts([(node, gpus) for node, gpus, _ in places], gpu)
         return _gather([a.run.remote(fn, payload, c, master, gpu) for a, c in zip(actors, contexts)])[0]
     finally:
         for actor in actors:
@@ -204,14 +206,9 @@ class RecmemWorker:
     def __repr__(self) -> str:  # Ray prefixes the worker's console lines with it
         return f"recmem worker {self.rank}"
 
-    def place(self) -> tuple[str, list[str]]:
-        """(this node's ID, the GPU IDs Ray gave this worker)."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
-
-    def master(self) -> tuple[str, int]:
-        """(this node's IP, a port free on it): where the group's store listens (rank 0's)."""
+    def place(self) -> tuple[str, list[str], tuple[str, int]]:
+        """(this node's ID, the GPU IDs Ray gave this worker, (this node's IP, a port free on it)):
+        the group's store listens at rank 0's address."""
         import socket
 
         import ray
@@ -219,7 +216,8 @@ class RecmemWorker:
         address = ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind((address, 0))
-            return address, s.getsockname()[1]
+            port = s.getsockname()[1]
+        return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()], (address, port)
 
     def run(self, fn: Callable[[Any], T], payload: Any, place: tuple[WorkerContext, list[str]],
             master: tuple[str, int], gpu: bool) -> T:

@@ -1,21 +1,20 @@
 """The Ray driver: connect to (or start) Ray, open the MLflow run, and run the workers to the end.
 
-This process imports no torchrec (only the workers do, see ``worker.py``; torch comes in only with
-Ray Train's ``TorchTrainer``): it may be a small head-node job, and the first import of torchrec costs
+This process imports neither torch nor torchrec (only the workers do, see ``worker.py``; they are
+started by ``group.py``): it may be a small head-node job, and the first import of torchrec costs
 seconds and memory it does not need.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
 import posixpath
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ _RUN_FILE = "recmem_run.json"
 
 @dataclass
 class RayTrainResult:
-    """What a finished Ray run reports (rank 0's last report)."""
+    """What a finished Ray run reports (rank 0's last checkpoint and the metrics saved with it)."""
 
     step: int
     metrics: dict[str, float]
@@ -45,7 +44,7 @@ class RayTrainResult:
 
 
 def train_ray(cfg: Config, started_at: float | None = None) -> RayTrainResult:
-    """Train ``cfg`` on Ray: ``ray.num_workers`` Ray Train workers, each reading its share of the data.
+    """Train ``cfg`` on Ray: ``ray.num_workers`` Ray workers (``group.py``), each reading its share of the data.
 
     Connects to ``ray.address`` / ``RAY_ADDRESS`` or starts an embedded local Ray (shut down again
     afterwards; a Ray the caller already started is left running). A failed worker group restarts
@@ -70,11 +69,12 @@ def train_ray(cfg: Config, started_at: float | None = None) -> RayTrainResult:
         TrackingUnavailable: the MLflow tracking server does not answer (found before Ray starts).
         OSError: the storage is not writable.
         ValueError: what a worker raised for bad data or a diverged loss.
-        ray.train.TrainingFailedError: the workers failed more than ``ray.max_failures`` times.
+        WorkerFailed: the workers failed more than ``ray.max_failures`` times.
     """
     import ray
 
     from recmem.train.distributed.data import plan_splits
+    from recmem.train.distributed.group import run_workers
     from recmem.train.distributed.worker import train_worker
 
     cfg = resolve_paths(cfg)
@@ -96,11 +96,11 @@ def train_ray(cfg: Config, started_at: float | None = None) -> RayTrainResult:
             marks["mlflow_ready"] = time.time()
             try:
                 payload = {"config": cfg, "run_id": log.run_id, "data": data, "key": key,
-                           "started_at": started_at, "marks": marks}
+                           "run": _run_folder(storage, name), "started_at": started_at, "marks": marks}
                 # The workers' rank 0 logs into the run; a bar drawn on a worker would reach this
                 # console through Ray's log forwarding as one line per redraw, so this process draws it.
                 with log.following(cfg.train.progress):
-                    result = _fit(lambda: _trainer(cfg, storage, name, train_worker, payload), cfg.ray.max_failures)
+                    result = run_workers(cfg, train_worker, payload, cfg.ray.max_failures)
             except BaseException:
                 log.close("FAILED")
                 raise
@@ -108,11 +108,11 @@ def train_ray(cfg: Config, started_at: float | None = None) -> RayTrainResult:
             if started:
                 ray.shutdown()
     log.close()
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     return RayTrainResult(
         step=int(metrics.get("step", 0)), metrics=metrics,
         samples_per_second=metrics.get("train/samples_per_second", 0.0),
-        run=log.run_url(), checkpoint=result.checkpoint.path if result.checkpoint else "",
+        run=log.run_url(), checkpoint=result["checkpoint"],
     )
 
 
@@ -122,8 +122,7 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
 
     Sharded tables load only on as many workers as wrote them, under the same plan: this starts the
     checkpoint's number of workers (warning when ``ray.num_workers`` differs) with ``ray.sharding``
-    as configured, as a Ray run of its own (``<run_name>-evaluate-<time>``, same storage) that leaves
-    the training run's state alone. Each worker loads its shard and scores its share of the split;
+    as configured; they write nothing. Each worker loads its shard and scores its share of the split;
     the metrics cover all of it. Ray is reached or started as by :func:`train_ray`.
 
     Returns:
@@ -133,11 +132,12 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
     Raises:
         FileNotFoundError: the run has no complete checkpoint under the storage path.
         ValueError: the checkpoint's sharding plan is not this config's (another ``ray.sharding``).
-        ray.train.TrainingFailedError: no complete checkpoint of the run loads on every worker.
+        WorkerFailed: no complete checkpoint of the run loads on every worker.
     """
     import ray
 
     from recmem.train.distributed.data import plan_splits
+    from recmem.train.distributed.group import run_workers
     from recmem.train.distributed.worker import evaluate_worker
 
     cfg = resolve_paths(cfg)
@@ -156,13 +156,12 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
     try:
         _check_gpus(cfg)
         payload = {"config": cfg, "run": (fs, posixpath.dirname(folder.rstrip("/"))), "split": split, "data": data}
-        evaluation = f"{name}-evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
         # No retries: what fails here (a plan that does not match, no loadable shard) fails again.
-        result = _fit(lambda: _trainer(cfg, storage, evaluation, evaluate_worker, payload), retries=0)
+        metrics = run_workers(cfg, evaluate_worker, payload, retries=0)
     finally:
         if started:
             ray.shutdown()
-    return {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -182,8 +181,8 @@ def _init_ray(cfg: Config) -> bool:
 
     Unless ``tracking.verbose``, this driver logs Ray's warnings and errors only. Workers' output
     still reaches this console (``log_to_driver``), so their errors and warnings do; the workers
-    quiet their own libraries (see ``worker.py``), and on an embedded instance every process does
-    (Ray Train's controller and helpers too), by Ray's setup hook. An embedded instance starts
+    quiet their own libraries (see ``worker.py``), and on an embedded instance every process does,
+    by Ray's setup hook. An embedded instance starts
     without Ray's dashboard (seconds of start-up and three processes no one looks at during a
     quickstart; start Ray with ``ray start --head`` for it). A variable already in this process's environment wins
     over the ones set here.
@@ -196,10 +195,6 @@ def _init_ray(cfg: Config) -> bool:
     settings: dict[str, Any] = {}
     if not address:
         runtime: dict[str, Any] = {}
-        if "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:
-            # Nothing preempts this machine's own instance: Ray Train's watcher for it would only
-            # cost an actor, and the C++ error line its start logs.
-            runtime["env_vars"] = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
         if not cfg.tracking.verbose:
             runtime["worker_process_setup_hook"] = "recmem.tracking.logger.quiet_libraries"
         settings["runtime_env"] = runtime
@@ -235,8 +230,14 @@ def _storage(cfg: Config) -> tuple[str, str]:
 
 
 def _storage_path(cfg: Config) -> str:
-    """Where Ray keeps the runs' checkpoints: ``ray.storage_path`` or a folder in the workdir."""
+    """Where the Ray runs' checkpoints go: ``ray.storage_path`` or a folder in the workdir."""
     return cfg.ray.storage_path or str(Path(cfg.workdir) / cfg.train.checkpoint_dir / "ray")
+
+
+def _run_folder(storage: str, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(filesystem, folder) of the Ray run ``name`` under ``storage``, where its checkpoints go."""
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+    return fs, f"{base.rstrip('/')}/{name}"
 
 
 def _no_checkpoint_message(storage: str, name: str) -> str:
@@ -246,33 +247,6 @@ def _no_checkpoint_message(storage: str, name: str) -> str:
     others = f"; runs with checkpoints there: {', '.join(runs)} (choose with ray.run_name=...)" if runs else ""
     return (f"no complete checkpoint of the Ray run '{name}' under {storage}: run `recmem train` with this "
             f"config first (a run trained with train.resume=false is named '{name}-<time>'){others}")
-
-
-def _fit(make_trainer: Callable[[], Any], retries: int) -> Any:
-    """Fit a fresh trainer from ``make_trainer()`` until it succeeds, at most ``1 + retries`` times.
-
-    Each retry is a new worker group on the same run, so the workers resume from its latest
-    checkpoint (Ray's own retries are off: they cannot tell the failures below apart). A
-    ``ValueError`` raised by a worker (bad config or data, a refused resume, a diverged loss) is
-    raised at once as itself, not wrapped in Ray's error: it would fail the same way on every retry,
-    and the CLI reports it in one line.
-    """
-    import ray.train
-
-    for attempt in itertools.count(1):
-        try:
-            return make_trainer().fit()
-        except ray.train.TrainingFailedError as e:
-            failures = list(getattr(e, "worker_failures", {}).values())
-            deterministic = [f for f in failures if isinstance(f, ValueError)]
-            if deterministic:
-                raise deterministic[0] from e
-            if attempt > retries:
-                raise
-            first = next(iter(failures), e)
-            why = (str(first).strip().splitlines() or [""])[0][:200]
-            print(f"recmem: a worker failed ({type(first).__name__}: {why}); restarting the workers from "
-                  f"the latest checkpoint (retry {attempt} of {retries})", flush=True)
 
 
 @contextmanager
@@ -334,25 +308,3 @@ def _remember_run(storage: str, name: str, run_id: str | None) -> None:
     fs.create_dir(f"{folder}/{name}", recursive=True)
     with fs.open_output_stream(f"{folder}/{name}/{_RUN_FILE}") as f:
         f.write(json.dumps({"mlflow_run_id": run_id}).encode())
-
-
-def _trainer(cfg: Config, storage: str, name: str, loop: Callable, payload: dict[str, Any]):
-    """The ``TorchTrainer``: workers with their CPUs (and a GPU each under ``train.device: cuda``,
-    NCCL then carrying the dense all-reduce), retries."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    r, gpu = cfg.ray, cfg.train.device == "cuda"
-    return TorchTrainer(
-        loop,
-        train_loop_config=payload,
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=r.num_workers, use_gpu=gpu, resources_per_worker={"CPU": r.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=0),  # retried by _fit
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            # Ray Train's own INFO lines (worker group start, each checkpoint and report) unless verbose.
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.tracking.verbose else "WARNING")),
-    )

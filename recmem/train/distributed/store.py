@@ -1,19 +1,24 @@
-"""Checkpoints of a Ray run: one shard per rank, saved and registered together by Ray Train.
+"""Checkpoints of a Ray run: one shard per rank in one folder, made complete by rank 0's ``meta.json``.
 
 At each checkpoint every rank writes ``rank-<r>.pt`` (its tables' rows and optimizer state, the dense
-part, the data position) and its record ``rank-<r>.json`` (size and SHA-256) into a fresh local
-folder and hands it to ``ray.train.report``; rank 0 adds ``meta.json`` (step, workers, plan, and the
-job's resume key, which the driver compares before a resume: see ``recmem/train/resume.py``). Ray uploads the folders of all ranks into one checkpoint directory under
-``ray.storage_path`` (a local folder or any pyarrow/fsspec filesystem) and registers it only once
-every rank's upload is done, so a worker lost mid-save leaves the previous checkpoint as the latest:
-the save is atomic. On a restart (``FailureConfig`` retry, or the same job submitted again) each rank
-reads only its own shard; so does each worker of ``recmem evaluate``, in the run whose newest
-checkpoint the driver found with :func:`latest_checkpoint` (this module imports torch only inside the
-workers' methods). A shard is trusted only when its size and checksum match its record and it
-unpickles as tensors and plain data (``weights_only``: a pickled object that would run code is
-refused unread). A shard that fails any of this (corrupt, truncated, replaced) on any rank makes all
-ranks use the run's previous complete checkpoint instead, since retrying the same one would fail on
-every restart.
+part, the data position) and its record ``rank-<r>.json`` (size and SHA-256) straight into
+``<ray.storage_path>/<run>/checkpoint_<step:09d>-<group>/`` (a local folder or any pyarrow filesystem
+URI; ``<group>`` is the worker group's start, so a step saved again after a restart gets a folder of
+its own). Then all ranks meet at a barrier, and rank 0 writes ``meta.json`` (step, workers, plan, and
+the job's resume key, which the driver compares before a resume: see ``recmem/train/resume.py``) last,
+by rename on a local disk: a folder without it, or without every rank's shard, is never loaded
+(:func:`complete_checkpoints`), so a worker lost mid-save leaves the previous checkpoint as the latest.
+Rank 0 then keeps the newest two complete checkpoints and removes older ones, and folders a cut-short
+save left behind older than the newest complete one.
+
+On a start (a restarted worker group, or the same job submitted again) each rank reads only its own
+shard of the run's newest complete checkpoint; so does each worker of ``recmem evaluate`` and ``recmem
+export``, in the checkpoint the driver found with :func:`latest_checkpoint` (this module imports torch
+only inside the workers' methods). A shard is trusted only when its size and checksum match its
+record and it unpickles as tensors and plain data (``weights_only``: a pickled object that would run
+code is refused unread). A shard that fails any of this (corrupt, truncated, replaced) on any rank
+makes all ranks use the run's previous complete checkpoint instead, since retrying the same one would
+fail on every restart.
 """
 
 from __future__ import annotations
@@ -121,66 +126,83 @@ def _gloo_group() -> Any:
 
 
 class RayCheckpoints:
-    """The loop's :class:`~recmem.train.checkpoint.CheckpointStore` inside a Ray Train worker.
+    """The loop's :class:`~recmem.train.checkpoint.CheckpointStore` inside a Ray worker.
 
     Args:
         rank: this worker.
         world_size: the number of workers; a checkpoint only resumes on as many.
         plan: the sharding plan; a checkpoint only resumes under the same one.
         key: the job's resume key, recorded in ``meta.json`` (the driver compares it on resume).
+        run: (filesystem, run folder) the checkpoints go into and resume from; None (``recmem
+            evaluate`` and ``export``, which name their checkpoint) neither loads nor saves.
+        group: the worker group's start (``WorkerContext.group_id``), in the folders it saves.
     """
 
-    def __init__(self, rank: int, world_size: int, plan: dict[str, str], key: dict[str, Any] | None = None) -> None:
+    def __init__(self, rank: int, world_size: int, plan: dict[str, str], key: dict[str, Any] | None = None,
+                 run: tuple[pyarrow.fs.FileSystem, str] | None = None, group: str = "") -> None:
         self.rank = rank
         self.world_size = world_size
         self.plan = dict(plan)
         self.key = key
+        self.run = run
+        self.group = group
         self.loaded_from: str | None = None
+        self.saved: tuple[str, dict[str, float]] | None = None
+        """The folder of this store's last save and the metrics saved with it (rank 0's are the run's)."""
+        self._gloo: list[Any] = []  # the group of the checkpoint collectives, made at the first one
 
     @contextmanager
     def session(self, state_bytes: int) -> Iterator[None]:
-        """Check that this worker's local temporary folder, where its shard is written before Ray
-        uploads it, has room for it (the driver checked the storage and holds the run's lock).
+        """Check that this worker can write its shard: the run folder on a local disk (the driver checked
+        that it is writable and holds the run's lock), else the local temporary folder its shard is
+        written to before the upload, with room for it.
 
         Raises:
-            OSError: the temporary folder is not writable or its disk is too full.
+            OSError: the folder is not writable or its disk is too full.
         """
         from recmem.train.checkpoint import check_writable
 
-        check_writable(Path(tempfile.gettempdir()), state_bytes)
+        if self.run is not None:
+            fs, folder = self.run
+            local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+            if local:
+                fs.create_dir(folder, recursive=True)
+            check_writable(Path(folder) if local else Path(tempfile.gettempdir()), state_bytes)
         yield
 
     def load(self) -> dict[str, Any] | None:
-        """This rank's shard of the newest checkpoint of the run that loads on every rank, or None.
+        """This rank's shard of the newest checkpoint of the run that loads on every rank, or None when
+        the run has no complete checkpoint.
 
-        Ray's latest registered checkpoint (``ray.train.get_checkpoint``) names the run folder; its
-        complete checkpoints are tried newest first. A shard that does not load (corrupt, truncated)
-        on any rank moves every rank to the one before, and rank 0 prints which was skipped and why:
-        retrying the same checkpoint would fail the same way on every restart. Collective when there
-        are several workers: every rank calls it at the same point.
+        Its complete checkpoints are tried newest first. A shard that does not load (corrupt,
+        truncated) on any rank moves every rank to the one before, and rank 0 prints which was skipped
+        and why: retrying the same checkpoint would fail the same way on every restart. Collective
+        when there are several workers: every rank calls it at the same point.
 
         Raises:
             ValueError: the newest checkpoint was written by a different number of workers or plan
                 (not a fault of the checkpoint: no fallback).
-            RuntimeError: no complete checkpoint of the run loads on every rank.
+            RuntimeError: the run has complete checkpoints, but none loads on every rank.
         """
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if self.run is None:
             return None
-        return self.load_newest(checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/")))
+        return self.load_newest(*self.run, required=False)
 
-    def load_newest(self, fs: pyarrow.fs.FileSystem, run: str) -> dict[str, Any]:
+    def load_newest(self, fs: pyarrow.fs.FileSystem, run: str, required: bool = True) -> dict[str, Any] | None:
         """This rank's shard of the newest complete checkpoint in the run folder ``run`` that loads on
         every rank (see :meth:`load`); collective when there are several workers.
+
+        Returns:
+            The shard's state; None when the run has no complete checkpoint and not ``required``.
 
         Raises:
             ValueError: that checkpoint was written by a different number of workers or plan.
             RuntimeError: no complete checkpoint of the run loads on every rank.
         """
-        group = _gloo_group() if self.world_size > 1 else None
+        group = self._group()
         folders = self._agree(group, [folder for folder, _ in complete_checkpoints(fs, run)])
+        if not folders and not required:
+            return None
         for folder in folders:
             self._check_meta(fs, folder)
             try:
@@ -196,6 +218,38 @@ class RayCheckpoints:
                 print(f"recmem: skipping checkpoint {folder}, a shard does not load ({why}); trying the one before")
         raise RuntimeError(f"no checkpoint of the Ray run {run} loads on all {self.world_size} workers "
                            f"({len(folders)} complete ones tried); train.resume=false starts afresh")
+
+    def save(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Write this rank's shard into the checkpoint of ``step``; once every rank has (a barrier),
+        rank 0 commits it with ``meta.json`` and removes the checkpoints it replaces."""
+        if self.run is None:
+            raise RuntimeError("this RayCheckpoints has no run folder to save into")
+        fs, run = self.run
+        folder = f"{run}/checkpoint_{step:09d}-{self.group}"
+        fs.create_dir(folder, recursive=True)
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            write_shard(Path(folder), self.rank, state)
+        else:  # written locally, then uploaded: the record (its checksum) after the shard
+            with tempfile.TemporaryDirectory(prefix="recmem-ckpt-") as local:
+                write_shard(Path(local), self.rank, state)
+                for name in (shard_name(self.rank), record_name(self.rank)):
+                    pyarrow.fs.copy_files(f"{local}/{name}", f"{folder}/{name}",
+                                          source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._group())
+        if self.rank == 0:
+            meta = {"step": step, "world_size": self.world_size, "plan": self.plan, "resume_key": self.key}
+            _write_meta(fs, folder, meta)
+            _prune(fs, run, keep=2)
+        self.saved = (folder, dict(metrics))
+
+    def _group(self) -> Any:
+        """The process group of this store's collectives (see :func:`_gloo_group`), made on first use."""
+        if self.world_size > 1 and not self._gloo:
+            self._gloo.append(_gloo_group())
+        return self._gloo[0] if self._gloo else None
 
     def _check_meta(self, fs: pyarrow.fs.FileSystem, folder: str) -> None:
         meta = _read_meta(fs, folder)
@@ -248,13 +302,34 @@ class RayCheckpoints:
         dist.all_gather_object(errors, error, group=group)
         return errors
 
-    def save(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Write this rank's shard and report it with ``metrics`` (a barrier across ranks)."""
-        import ray.train
 
-        with tempfile.TemporaryDirectory(prefix="recmem-ckpt-") as folder:
-            write_shard(Path(folder), self.rank, state)
-            if self.rank == 0:
-                meta = {"step": step, "world_size": self.world_size, "plan": self.plan, "resume_key": self.key}
-                (Path(folder) / META).write_text(json.dumps(meta, indent=2))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+def _write_meta(fs: pyarrow.fs.FileSystem, folder: str, meta: dict[str, Any]) -> None:
+    """Write ``meta.json`` into ``folder``: under a temporary name, then renamed, on a local disk (a
+    crash leaves no half-written meta); directly on an object store, whose writes appear whole."""
+    data = json.dumps(meta, indent=2).encode()
+    final = f"{folder}/{META}"
+    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+        with fs.open_output_stream(final) as f:
+            f.write(data)
+        return
+    temporary = f"{folder}/.{META}.tmp"
+    with fs.open_output_stream(temporary) as f:
+        f.write(data)
+    fs.move(temporary, final)
+
+
+def _prune(fs: pyarrow.fs.FileSystem, run: str, keep: int) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints of ``run``, and the incomplete folders
+    (a save cut short) named before the newest complete one (names sort by step, then group start)."""
+    complete = complete_checkpoints(fs, run)
+    if not complete:
+        return
+    kept = {folder for folder, _ in complete[:keep]}
+    done = {folder for folder, _ in complete}
+    newest = posixpath.basename(complete[0][0])
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True)):
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        if info.path in kept or (info.path not in done and info.base_name >= newest):
+            continue
+        fs.delete_dir(info.path)

@@ -1,19 +1,16 @@
-"""What each Ray Train worker runs: build this rank's part of the model, then the one training loop
-(:func:`train_worker`) or, for ``recmem evaluate``, load its checkpoint shard and score
+"""What each Ray worker runs (``group.run_workers``): build this rank's part of the model, then the one
+training loop (:func:`train_worker`) or, for ``recmem evaluate``, load its checkpoint shard and score
 (:func:`evaluate_worker`).
 
-Imported by the driver only by name (``TorchTrainer`` pickles the function); everything that pulls in
-torch or torchrec is imported inside it, on the worker.
+Imported by the driver only by name (Ray pickles the function by reference); everything that pulls
+in torch or torchrec is imported inside it, on the worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,16 +18,21 @@ if TYPE_CHECKING:
     from recmem.models import CTRModel
 
 
-def train_worker(payload: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``.
+def train_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Train this rank's part of the model to the end of the job.
 
     Args:
         payload: ``{"config": Config, "run_id": str | None, "data": {split: SplitIndex}, "key":
-            dict, "started_at": float | None, "marks": {name: float}}`` from the driver; the
-            config's paths are already absolute, ``run_id`` is the MLflow run the driver opened,
-            ``data`` where the splits' rows lie (``data.plan_splits``), ``key`` the job's resume
-            key that checkpoints record (``resume.resume_key``), ``started_at`` and ``marks`` the
-            start-up's times so far (see ``loop.train``).
+            dict, "run": (pyarrow FileSystem, run folder), "started_at": float | None, "marks":
+            {name: float}}`` from the driver; the config's paths are already absolute, ``run_id`` is
+            the MLflow run the driver opened, ``data`` where the splits' rows lie
+            (``data.plan_splits``), ``key`` the job's resume key that checkpoints record
+            (``resume.resume_key``), ``run`` the folder of the run's checkpoints, ``started_at`` and
+            ``marks`` the start-up's times so far (see ``loop.train``).
+
+    Returns:
+        ``{"checkpoint": folder, "metrics": {name: value}}``: the last checkpoint this rank saved
+        and the metrics saved with it (rank 0's are the run's result).
     """
     import time
 
@@ -40,6 +42,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     import torch
 
     from recmem.train.distributed.data import shard_source
+    from recmem.train.distributed.group import worker_context
     from recmem.train.distributed.store import RayCheckpoints
     from recmem.train.distributed.traffic import TrafficMeter
     from recmem.train.loop import train
@@ -48,30 +51,29 @@ def train_worker(payload: dict[str, Any]) -> None:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
     rank, world_size, model, plan = _worker_model(cfg)
     marks["model_built"] = time.time()
+    store = RayCheckpoints(rank, world_size, plan, payload["key"], payload["run"], worker_context().group_id)
     with contextlib.ExitStack() as scope:
         meter = scope.enter_context(TrafficMeter(model)) if cfg.ray.measure_traffic else None
         params = {**plan, "ray.torch_threads_used": str(torch.get_num_threads())}
         train(cfg, shard_source(cfg, world_size, rank, payload["data"]), rank=rank, model=model,
-              store=RayCheckpoints(rank, world_size, plan, payload["key"]), run_id=payload["run_id"], params=params,
+              store=store, run_id=payload["run_id"], params=params,
               extra_metrics=meter.stats if meter else None, started_at=payload["started_at"], marks=marks)
+    folder, metrics = store.saved or ("", {})
+    return {"checkpoint": folder, "metrics": metrics}
 
 
-def evaluate_worker(payload: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker`` for ``recmem evaluate``: load this rank's shard, score.
-
-    Every rank reports the metrics of the whole split (``evaluate`` gathers them across ranks); the
-    driver reads rank 0's.
+def evaluate_worker(payload: dict[str, Any]) -> dict[str, float]:
+    """``recmem evaluate`` on a worker: load this rank's shard, score; the metrics of the whole split
+    (``evaluate`` gathers them across ranks) and the checkpoint's ``step``, on every rank.
 
     Args:
         payload: ``{"config": Config, "run": (pyarrow FileSystem, run folder), "split": str,
             "data": {split: SplitIndex}}`` from the driver, which started as many workers as wrote the run's newest checkpoint. The newest
             complete checkpoint that loads on every rank is scored (a corrupt one is skipped, as on
-            resume); its step is reported with the metrics.
+            resume).
     """
     cfg, split = payload["config"], payload["split"]
     _quiet_libraries(cfg)
-    import ray.train
-
     from recmem.train.distributed.data import shard_source
     from recmem.train.distributed.store import RayCheckpoints
     from recmem.train.loop import evaluate
@@ -80,16 +82,7 @@ def evaluate_worker(payload: dict[str, Any]) -> None:
     state = RayCheckpoints(rank, world_size, plan).load_newest(*payload["run"])
     model.load_state_dict(state["model"])
     batches = shard_source(cfg, world_size, rank, payload["data"])(split, 0, 0)
-    metrics = {**evaluate(model, batches, split), "step": state["step"]}
-    # Ray Train hands the driver only metrics reported with a checkpoint: rank 0 registers a record
-    # of this evaluation (its metrics and the run and step they score) as the evaluation run's one.
-    with tempfile.TemporaryDirectory(prefix="recmem-eval-") as folder:
-        record = None
-        if rank == 0:
-            scored = {"run": payload["run"][1], "metrics": metrics}
-            (Path(folder) / "evaluation.json").write_text(json.dumps(scored, indent=2))
-            record = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=record)
+    return {**evaluate(model, batches, split), "step": state["step"]}
 
 
 def _quiet_libraries(cfg: Config) -> None:
@@ -104,17 +97,16 @@ def _quiet_libraries(cfg: Config) -> None:
 def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
     """(rank, world size, this rank's part of the model, the sharding plan); collective."""
     import pyarrow
-    import ray.train
-    import ray.train.torch
     import torch
     from tqdm import tqdm
 
     from recmem.train.device import dense_device
+    from recmem.train.distributed.group import worker_context
     from recmem.train.distributed.plan import build_worker_model, sharding_plan
 
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    threads, why = torch_threads(cfg.ray.torch_threads, context.get_local_world_size())
+    context = worker_context()
+    rank, world_size = context.rank, context.world_size
+    threads, why = torch_threads(cfg.ray.torch_threads, context.local_world_size)
     torch.set_num_threads(threads)
     # Arrow sizes its decoding pool from OMP_NUM_THREADS, which Ray sets to the worker's reserved CPUs
     # (1 by default): the worker's reads would decode on one thread where its steps run on all.
@@ -122,9 +114,7 @@ def _worker_model(cfg: Config) -> tuple[int, int, CTRModel, dict[str, str]]:
     if rank == 0:
         # tqdm.write, as the loop's own lines: a print here reaches the driver's console twice.
         tqdm.write(f"recmem: {threads} torch thread{'s' * (threads > 1)} per worker ({why})")
-    device = dense_device(cfg.train, ray.train.torch.get_device() if cfg.train.device == "cuda" else None)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL collectives on the default group run on the current GPU
+    device = dense_device(cfg.train, torch.device(context.device) if cfg.train.device == "cuda" else None)
     model = build_worker_model(cfg, world_size, device)
     return rank, world_size, model, sharding_plan(model.tables, world_size)
 
