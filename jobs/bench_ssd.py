@@ -5,8 +5,8 @@
     python jobs/bench_ssd.py --rows 200000 --folder /mnt/nvme/tmp
     python jobs/bench_ssd.py --formats        # the row formats compared: recmem's block file, LMDB, RocksDB
 
-Needs 3 x rows x tables x (dim + 1) x 4 bytes free under --folder (the system's temporary folder by
-default; ~4.3 GB at the defaults). Prints the CPU's capability, the disk's random-read rate, samples/s,
+Needs rows x tables x (dim + 1) x 4 bytes free under --folder (the system's temporary folder by
+default; ~1.4 GB at the defaults), and as much again for the log of rows written back. Prints the CPU's capability, the disk's random-read rate, samples/s,
 hit rates, misses per step and prefetch wait of each variant, the targets, peak RSS, then one JSON line.
 What is measured how: ``recmem/bench/ssd.py`` (and ``recmem/bench/ssd_formats.py`` for ``--formats``,
 whose peers need ``pip install lmdb rocksdict``: they are not recmem dependencies).
@@ -31,7 +31,7 @@ def parse_options(argv: list[str] | None = None) -> tuple[SSDBenchOptions, Forma
     p.add_argument("--formats", action="store_true",
                    help="compare row formats instead (FormatOptions' sizes; --quick: 20k rows)")
     for f in dataclasses.fields(SSDBenchOptions):
-        kind = {"cache_fraction": float, "folder": str}.get(f.name, int)
+        kind = type(f.default)
         p.add_argument(f"--{f.name.replace('_', '-')}", type=kind,
                        help=f"default {f.default!r} ({getattr(QUICK, f.name)!r} with --quick)")
     args = vars(p.parse_args(argv))
