@@ -127,7 +127,10 @@ class SyntheticConfig:
     the slot of popularity rank r keeps an ID ``max(min_lifetime_days, head_lifetime_days *
     r ** -lifetime_exponent)`` days. An ID's first-order effect and latent vector are scaled by
     ``share / (share + effect_half_share)`` and ``share / (share + interaction_half_share)``, share
-    being its expected share of its field's rows, so rare IDs carry little signal. The four ``*_std``
+    being its expected share of its field's rows, so rare IDs carry little signal. With
+    ``effect_half_rows`` (``interaction_half_rows``) above 0 the half point is counted in rows
+    instead: an ID expected in that many training rows gets half its effect, so tail IDs seen a few
+    dozen times keep their own effects (what makes hash collisions cost AUC). The four ``*_std``
     are the standard deviations over rows of the logit's four terms (first-order, pairwise latent
     interactions, dense, dense x sparse). The defaults give an oracle valid AUC near 0.80 and a
     positive rate of 0.25. See ``recmem.data.synthetic``.
@@ -156,6 +159,8 @@ class SyntheticConfig:
     dense_interaction_std: float = checked(0.2, NON_NEGATIVE)
     effect_half_share: float = checked(3e-2, POSITIVE)  # 0 makes share / (share + 0) 0 / 0 for a dead ID
     interaction_half_share: float = checked(3e-2, POSITIVE)
+    effect_half_rows: float = checked(0.0, NON_NEGATIVE)  # 0: effect_half_share decides
+    interaction_half_rows: float = checked(0.0, NON_NEGATIVE)  # 0: interaction_half_share decides
     field_importance_spread: float = checked(1.0, NON_NEGATIVE)
     interaction_cardinality_exponent: float = checked(0.5, NON_NEGATIVE)
 

@@ -11,7 +11,11 @@ least that wide can represent the truth exactly.
 
 What keeps the truth learnable from a log of a few 100k rows: an ID's ``w`` and ``v`` are scaled by
 ``share / (share + half_share)``, its expected share of the field's rows, so a tail ID seen a handful
-of times carries almost no signal (instead of noise no model could fit); and latent vectors are
+of times carries almost no signal (instead of noise no model could fit). At the default half share
+(3% of the field's rows) only a field's few dozen head IDs keep most of their effect, which a hashed
+table of a few hundred rows per field still separates: hash collisions then cost almost nothing.
+A half point in training rows (``effect_half_rows``, see :func:`half_points`) gives every ID seen a
+few dozen times its own effect, thousands per large field. Latent vectors are
 larger in small fields (see :func:`field_scales`). What keeps the interactions essential: latent
 vectors are centred on their usage-weighted mean, so the pairwise term has no first-order part a
 logistic regression on one-hot IDs could pick up.
@@ -221,6 +225,18 @@ def field_scales(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
     return scales / np.sqrt((scales**2).mean(axis=1, keepdims=True))
 
 
+def half_points(cfg: SyntheticConfig) -> tuple[float, float]:
+    """The shares at which an ID gets half its first-order and half its latent effect.
+
+    ``*_half_share`` as configured, or, where ``*_half_rows`` is above 0, that many rows of the
+    training split as a share of it (an ID's expected training rows are its share times
+    ``train_rows``): a half point in rows keeps every ID seen that often as informative whatever
+    the log's size, so a field's tail carries signal a model can learn and a hashed table loses.
+    """
+    return tuple(rows / cfg.train_rows if rows > 0 else share for rows, share in (
+        (cfg.effect_half_rows, cfg.effect_half_share), (cfg.interaction_half_rows, cfg.interaction_half_share)))
+
+
 def build_truth(cfg: SyntheticConfig, pilot_rows: int = 20_000) -> GroundTruth:
     """Draw the ground truth a config and its seed describe (deterministic).
 
@@ -233,7 +249,7 @@ def build_truth(cfg: SyntheticConfig, pilot_rows: int = 20_000) -> GroundTruth:
     life = Lifecycle(cfg.num_days, cfg.head_lifetime_days, cfg.lifetime_exponent, cfg.min_lifetime_days)
     key = int(rng.integers(0, 1 << 63))
     scales = field_scales(cfg, rng)
-    half_shares = (cfg.effect_half_share, cfg.interaction_half_share)
+    half_shares = half_points(cfg)
     fields = []
     for f, num_ids in enumerate(scaled_cardinalities(cfg)):
         ids = build_field_ids(f, num_ids, cfg.zipf_exponent, life, key, rng)
