@@ -6,6 +6,7 @@ otherwise). Each is ``recmem frontier --config <its config>``; logic and figures
     python jobs/frontier.py                       # both datasets, 1x 4x 16x 64x, each config's step budget
     python jobs/frontier.py --quick               # tiny synthetic data and the Criteo sample, 1x and 16x, 6 steps
     python jobs/frontier.py --steps 600 --lr qr=0.1
+    python jobs/frontier.py --seeds 3             # every point with seeds 0, 1, 2: mean, spread, paired verdicts
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the test suite's size: tiny data, 1x and 16x, 6 steps")
     p.add_argument("--steps", default="0", help="steps per point (default: each config's budget)")
     p.add_argument("--lr", action="append", default=[], metavar="KIND=RATE", help="a kind's table learning rate")
+    p.add_argument("--seeds", default="1", help="seeds per point: a count, or a comma-separated list")
     args = p.parse_args(argv)
     for config in CONFIGS:
-        command = ["frontier", "--config", config, "--steps", args.steps, *(f"--lr={x}" for x in args.lr)]
+        command = ["frontier", "--config", config, "--steps", args.steps, "--seeds", args.seeds,
+                   *(f"--lr={x}" for x in args.lr)]
         code = cli.main(command + (["--quick"] if args.quick else []))
         if code:
             return code

@@ -340,6 +340,8 @@ def _frontier_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--ratios", default="1,4,16,64", help="memory ratios to full (default 1,4,16,64)")
     c.add_argument("--kinds", help="comma-separated kinds (default: every kind issue 11 names)")
     c.add_argument("--lr", action="append", default=[], metavar="KIND=RATE", help="a kind's table learning rate")
+    c.add_argument("--seeds", default="1", help="N: train every point with seeds 0..N-1; or a list, 3,7,11 "
+                                                "(default 1: seed 0); the report gives mean and spread")
 
 
 def _frontier(cfg: Config, args: argparse.Namespace) -> int:
@@ -348,13 +350,18 @@ def _frontier(cfg: Config, args: argparse.Namespace) -> int:
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
         rates = {k: float(v) for k, _, v in (x.partition("=") for x in args.lr)}
+        seeds = [int(x) for x in args.seeds.split(",")]
     except ValueError:
-        raise ValueError(f"--ratios {args.ratios!r} and --lr {args.lr} must be numbers (KIND=RATE)") from None
+        raise ValueError(f"--ratios {args.ratios!r}, --lr {args.lr} and --seeds {args.seeds!r} must be numbers "
+                         "(KIND=RATE; seeds: a count or a comma-separated list)") from None
+    seeds = tuple(range(seeds[0])) if len(seeds) == 1 else tuple(seeds)
     if min(ratios) < 1 or args.steps < 0:
         raise ValueError("--ratios must be at least 1 and --steps not negative")
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {args.seeds!r}: a count of at least 1, or distinct non-negative seeds")
     out = Path(args.out or Path(cfg.workdir) / "runs" / "frontier" / Path(cfg.data.root).name)
     kinds = tuple(args.kinds.split(",")) if args.kinds else FrontierOptions(out).kinds
-    opts = FrontierOptions(out, ratios, args.steps, kinds, rates)
+    opts = FrontierOptions(out, ratios, args.steps, kinds, rates, seeds)
     if args.quick:
         cfg, opts = quick(cfg, opts)
     skipped = ensure_data(cfg)

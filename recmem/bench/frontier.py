@@ -8,7 +8,11 @@ blocks whose built tables measure closest below full's bytes / r; the point is t
 - ``bytes``: the trained tables' ``memory_bytes()`` at the final validation (rows, optimizer state,
   projections, ID maps: measured from the live tensors), and full's bytes over it (``achieved``);
 - valid AUC, logloss, the gap to the generator's oracle AUC (synthetic data only), training
-  samples/s (the loop's step time; the machine's load shows in it) and the steps taken.
+  samples/s (the loop's step time; the machine's load shows in it) and the steps taken;
+- with several seeds (``--seeds``) each point is trained once per seed (the seed sets the tables'
+  and the dense part's initialisation; the data and its order stay the same), and the report gives
+  the mean and spread of each point and a paired verdict for `qr` and `multihash` against `hash`
+  (``frontier_report.py``).
 
 A kind that cannot reach a ratio gets a row saying so, with the least bytes it can take. The report
 is a Markdown table, a plot of AUC against bytes (log x, one line per kind) and the issue's targets
@@ -37,6 +41,7 @@ class FrontierOptions:
             over the training split).
         kinds: kinds in table order; one without a ``FRONTIER_KINDS`` entry gets a row saying so.
         learning_rates: per kind, the table learning rate to use instead of the config's.
+        seeds: the seeds every point is trained with (each one run per seed).
     """
 
     out: Path
@@ -44,11 +49,12 @@ class FrontierOptions:
     steps: int = 0
     kinds: tuple[str, ...] = WANTED_KINDS
     learning_rates: dict[str, float] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
 
 
 @dataclass
 class Point:
-    """One kind at one ratio (``auc`` NaN when it was not trained: ``note`` says why)."""
+    """One kind at one ratio and seed (``auc`` NaN when it was not trained: ``note`` says why)."""
 
     kind: str
     ratio: float
@@ -60,6 +66,7 @@ class Point:
     samples_per_second: float = math.nan
     steps: int = 0
     note: str = ""
+    seed: int = 0
 
     @property
     def trained(self) -> bool:
@@ -109,7 +116,8 @@ def quick(cfg: Config, opts: FrontierOptions) -> tuple[Config, FrontierOptions]:
     data["data"]["batch_size"] = min(cfg.data.batch_size, 256)
     data["model"].update(bottom_mlp=[16, cfg.model.embedding_dim or cfg.model.tables[0].embedding_dim],
                          top_mlp=[16, 1])
-    return from_dict(Config, data), FrontierOptions(opts.out, (1, 16), QUICK_STEPS, opts.kinds, opts.learning_rates)
+    return from_dict(Config, data), FrontierOptions(opts.out, (1, 16), QUICK_STEPS, opts.kinds, opts.learning_rates,
+                                                    opts.seeds)
 
 
 def steps_for(cfg: Config, opts: FrontierOptions) -> int:
@@ -124,9 +132,10 @@ def steps_for(cfg: Config, opts: FrontierOptions) -> int:
 
 
 def point_config(cfg: Config, blocks, kind: str, ratio: float, steps: int, workdir: Path, tracking_uri: str,
-                 learning_rate: float | None) -> Config:
+                 learning_rate: float | None, seed: int = 0) -> Config:
     """The job of one point: ``cfg`` with ``blocks`` as its tables at the model's width, ``steps``
-    steps (one validation, one checkpoint at the end), its own folder, the parent's tracking store."""
+    steps (one validation, one checkpoint at the end), ``seed``, its own folder, the parent's
+    tracking store."""
     data = to_dict(cfg)
     tables = [to_dict(b) for b in blocks]
     if learning_rate is not None:
@@ -135,8 +144,9 @@ def point_config(cfg: Config, blocks, kind: str, ratio: float, steps: int, workd
     data["model"].update(tables=tables, embedding_dim=cfg.model.embedding_dim or cfg.model.tables[0].embedding_dim)
     data["train"].update(max_steps=steps, epochs=10**6, eval_every=0, checkpoint_every=0, progress=False)
     data["workdir"] = str(workdir)
+    data["seed"] = seed
     data["ray"]["enabled"] = False
-    data["tracking"].update(tracking_uri=tracking_uri, run_name=f"{kind} {ratio:g}x")
+    data["tracking"].update(tracking_uri=tracking_uri, run_name=f"{kind} {ratio:g}x seed {seed}")
     return from_dict(Config, data)
 
 
@@ -165,14 +175,17 @@ def run_frontier(cfg: Config, opts: FrontierOptions) -> list[Point]:
     with runs_marked_failed():
         log = RunLogger(parent_cfg)
         log.log_params({"frontier.ratios": ",".join(f"{r:g}" for r in opts.ratios), "frontier.steps": str(steps),
-                        "frontier.full_bytes": str(full_bytes)})
+                        "frontier.full_bytes": str(full_bytes),
+                        "frontier.seeds": ",".join(str(s) for s in opts.seeds)})
         # full (the reference, at 1x only) first, then ratio by ratio in the order given, so that a
         # long run's partial report (rewritten after every point) holds whole ratios
         order = [("full", 1.0)] if "full" in opts.kinds else []
         order += [(kind, ratio) for ratio in opts.ratios for kind in opts.kinds if kind != "full"]
         for kind, ratio in order:
-            points.append(_point(cfg, kind, ratio, Budget(cfg, full_bytes, ratio, measure), steps, out, tracking_uri,
-                                 opts.learning_rates.get(kind)))
+            budget = Budget(cfg, full_bytes, ratio, measure)
+            for seed in opts.seeds:
+                points.append(_point(cfg, kind, ratio, budget, steps, out, tracking_uri,
+                                     opts.learning_rates.get(kind), seed))
             write_report(_in_table_order(points, opts.kinds), full_bytes, steps, cfg, out, None)
         points = _in_table_order(points, opts.kinds)
         write_report(points, full_bytes, steps, cfg, out, log)
@@ -181,38 +194,39 @@ def run_frontier(cfg: Config, opts: FrontierOptions) -> list[Point]:
 
 
 def _in_table_order(points: list[Point], kinds: tuple[str, ...]) -> list[Point]:
-    return sorted(points, key=lambda p: (kinds.index(p.kind), p.ratio))
+    return sorted(points, key=lambda p: (kinds.index(p.kind), p.ratio, p.seed))
 
 
 def _point(cfg: Config, kind: str, ratio: float, budget: Budget, steps: int, out: Path, tracking_uri: str,
-           learning_rate: float | None) -> Point:
-    """Size ``kind`` at ``ratio`` and train it, or say why not."""
+           learning_rate: float | None, seed: int) -> Point:
+    """Size ``kind`` at ``ratio`` and train it with ``seed``, or say why not."""
     entry = FRONTIER_KINDS.get(kind)
     if entry is None:
-        return Point(kind, ratio, 0, math.nan, note="no entry in FRONTIER_KINDS")
-    sizing = entry.size(budget)
+        return Point(kind, ratio, 0, math.nan, note="no entry in FRONTIER_KINDS", seed=seed)
+    sizing = entry.size(budget)  # the measurer's cache makes a second seed's sizing free
     if sizing.blocks is None:
-        return Point(kind, ratio, sizing.bytes, budget.full_bytes / sizing.bytes, note=sizing.note)
-    job = point_config(cfg, sizing.blocks, kind, ratio, steps, out / "points" / f"{kind}-{ratio:g}x", tracking_uri,
-                       learning_rate)
-    print(f"frontier: {kind} at {ratio:g}x: {sizing.note} ({sizing.bytes:,} bytes built)", flush=True)
+        return Point(kind, ratio, sizing.bytes, budget.full_bytes / sizing.bytes, note=sizing.note, seed=seed)
+    job = point_config(cfg, sizing.blocks, kind, ratio, steps, out / "points" / f"{kind}-{ratio:g}x-seed{seed}",
+                       tracking_uri, learning_rate, seed)
+    print(f"frontier: {kind} at {ratio:g}x, seed {seed}: {sizing.note} ({sizing.bytes:,} bytes built)", flush=True)
     run = entry.train(job)
     measured = int(run.metrics["tables/memory_bytes"])  # the trained tables' live bytes, not the sizing's
     m = run.metrics
     point = Point(kind, ratio, measured, budget.full_bytes / measured, m.get("valid/auc", math.nan),
                   m.get("valid/logloss", math.nan), m.get("valid/auc_gap", math.nan), run.samples_per_second,
-                  run.steps, sizing.note)
-    print(f"frontier: {kind} at {ratio:g}x: valid AUC {point.auc:.4f}, {measured:,} bytes ({point.achieved:.1f}x)",
+                  run.steps, sizing.note, seed)
+    print(f"frontier: {kind} at {ratio:g}x, seed {seed}: valid AUC {point.auc:.4f}, {measured:,} bytes ({point.achieved:.1f}x)",
           flush=True)
     return point
 
 
 def write_report(points: list[Point], full_bytes: int, steps: int, cfg: Config, out: Path, log) -> None:
     """``frontier.md`` (table and targets), ``frontier.png`` and ``points.json`` in ``out``; with a
-    ``log`` (the parent run's logger) also logged as artifacts and one metric per point, and printed."""
+    ``log`` (the parent run's logger) also logged as artifacts and each point's mean, std, min and
+    max over seeds as metrics (step: the ratio), and printed."""
     import json
 
-    from recmem.bench.frontier_report import plot, table, targets
+    from recmem.bench.frontier_report import plot, summarize, table, targets
 
     name = Path(cfg.data.root).name
     text = (f"# Frontier on {name}\n\n{table(points, full_bytes, steps)}\n\n## Targets\n\n"
@@ -225,8 +239,10 @@ def write_report(points: list[Point], full_bytes: int, steps: int, cfg: Config, 
         return
     log.log_figure(figure, "frontier.png")
     log.log_text(text, "frontier.md")
-    for p in points:
-        if p.trained:
-            log.log_metrics({f"{p.kind}/valid_auc": p.auc, f"{p.kind}/bytes": float(p.bytes)}, int(p.ratio))
+    for g in summarize(points):
+        if g.trained:
+            log.log_metrics({f"{g.kind}/valid_auc": g.auc, f"{g.kind}/valid_auc_std": g.std,
+                             f"{g.kind}/valid_auc_min": g.low, f"{g.kind}/valid_auc_max": g.high,
+                             f"{g.kind}/bytes": float(g.bytes)}, int(g.ratio))
     print(text, flush=True)
 

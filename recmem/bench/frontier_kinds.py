@@ -135,27 +135,88 @@ def size_full(budget: Budget) -> Sizing:
         ", ".join(f"{k}={v}" for k, v in blocks[0].options.items()) or "one row per ID"))
 
 
+SMALL_FEATURE = 200
+"""Features with at most this many distinct training IDs keep a `full` table in `hash`, `qr` and
+`multihash` alike (the QR paper leaves tables under a threshold uncompressed; ``QROptions``'s
+default threshold): compressing them saves next to nothing and a 3-ID field would lose its rows."""
+
+PER = 10_000
+"""The unit of the row knob of `hash` and `multihash`: ``s`` rows per :data:`PER` IDs."""
+
+
+def _split(budget: Budget) -> tuple[list[TableConfig], list[tuple[str, int]]]:
+    """The `full` block of the features of at most :data:`SMALL_FEATURE` distinct training IDs (no
+    block when there are none) and (name, n distinct training IDs) of each of the others."""
+    sized = list(zip(budget.cfg.data.schema.sparse, (len(c) for c in budget.counts())))
+    small = [f for f, n in sized if n <= SMALL_FEATURE]
+    return ([budget.block("full", feature_names=small)] if small else []), [(f, n) for f, n in sized
+                                                                           if n > SMALL_FEATURE]
+
+
+def _small_note(full: list[TableConfig]) -> str:
+    return f"; {len(full[0].feature_names)} features of <= {SMALL_FEATURE} IDs full" if full else ""
+
+
 def size_hash(budget: Budget) -> Sizing:
-    """``num_embeddings`` rows per feature (ID mod rows), the most that fit."""
-    make = lambda n: [budget.block("hash", num_embeddings=n)]  # noqa: E731
-    # bounds the search only (twice the rows that fit if a row cost its floats alone): bytes are measured
-    most = 2 * budget.target // (len(budget.cfg.data.schema.sparse) * 4 * budget.base.embedding_dim) + 2
-    found = _search(make, budget, 1, most, growing=True)
+    """Each feature of n > :data:`SMALL_FEATURE` IDs gets ``ceil(n s / PER)`` rows (ID mod rows, one
+    block per feature), ``s`` the most that fit: about n / r rows at ratio r (a little more: `full`
+    pays 8 bytes per ID for its vocabulary, hash none)."""
+    full, large = _split(budget)
+    make = lambda s: full + [budget.block("hash", feature_names=[f], num_embeddings=_rows(n, s))  # noqa: E731
+                             for f, n in large]
+    found = _search(make, budget, 1, 2 * PER, growing=True)
     if found is None:
-        return _unreachable(budget, make(1), "1 row per feature")
-    return Sizing(make(found[0]), found[1], f"num_embeddings={found[0]}")
+        return _unreachable(budget, make(1), f"n / {PER} rows per feature")
+    return Sizing(make(found[0]), found[1], f"n x {found[0] / PER:.4g} rows per feature (ID mod rows)"
+                                            + _small_note(full))
+
+
+def _rows(n: int, s: int) -> int:
+    return max(1, math.ceil(n * s / PER))
 
 
 def size_multihash(budget: Budget) -> Sizing:
-    """Two hashes summed (the Bloom-embedding default) into ``num_embeddings`` rows per feature, the
-    most that fit. Rows in proportion to each feature's IDs (``options.compression``) starve the
-    small fields: at 16x on the synthetic data they got one row each and AUC fell 0.09 below hash."""
-    make = lambda n: [budget.block("multihash", num_embeddings=n, options={"num_hashes": 2})]  # noqa: E731
-    most = 2 * budget.target // (len(budget.cfg.data.schema.sparse) * 4 * budget.base.embedding_dim) + 2
-    found = _search(make, budget, 1, most, growing=True)
+    """Two hashes summed (the Bloom-embedding default, k = 2) into ``ceil(n s / PER)`` shared rows
+    per feature of n > :data:`SMALL_FEATURE` IDs (``options.compression`` PER / s), ``s`` the most
+    that fit: the same rows as `hash` at the same bytes."""
+    full, large = _split(budget)
+    names = [f for f, _ in large]
+    make = lambda s: full + [budget.block("multihash", feature_names=names,  # noqa: E731
+                                          options={"num_hashes": 2, "compression": PER / s})]
+    found = _search(make, budget, 1, 2 * PER, growing=True)
     if found is None:
-        return _unreachable(budget, make(1), "1 row per feature")
-    return Sizing(make(found[0]), found[1], f"num_hashes=2, num_embeddings={found[0]}")
+        return _unreachable(budget, make(1), f"n / {PER} rows per feature")
+    return Sizing(make(found[0]), found[1], f"num_hashes=2, n x {found[0] / PER:.4g} rows per feature"
+                                            + _small_note(full))
+
+
+def size_qr(budget: Budget) -> Sizing:
+    """Quotient-remainder (mult) as in the paper: a feature of R row numbers keeps a quotient table
+    of ceil(R / c) rows and a remainder table of c rows, one c for every feature of n >
+    :data:`SMALL_FEATURE` IDs, the smallest that fits. The row number is the ID's index (the
+    vocabulary, 8 bytes per ID, R = n + 1 OOV row) where that fits at some c; else, as no
+    vocabulary fits below ~9x (a vocabulary key costs 1/9.5 of `full`'s bytes per ID), each ID is
+    hashed into R = n row numbers (no vocabulary: ``min_count`` above every count, ``oov_buckets``
+    n, one block per feature). No frequency decides anything: no ``min_count`` tail that `hash`
+    does not get. c is searched up to the square root of the largest R (R / c + c is least there)."""
+    full, large = _split(budget)
+    names = [f for f, _ in large]
+    above = int(max(int(c.max()) for c in budget.counts())) + 1  # no ID is seen this often: no vocabulary
+
+    def indexed(c: int) -> list[TableConfig]:
+        return full + [budget.block("qr", feature_names=names, options={"collisions": c, "threshold": 0})]
+
+    def hashed(c: int) -> list[TableConfig]:
+        return full + [budget.block("qr", feature_names=[f], options={
+            "collisions": c, "threshold": 0, "min_count": above, "oov_buckets": n}) for f, n in large]
+
+    widest = math.isqrt(max((n for _, n in large), default=1) + 1) + 1
+    for make, how in ((indexed, "row number = the ID's index (vocabulary)"),
+                      (hashed, "row number = hash(ID) mod n, no vocabulary")):
+        found = _search(make, budget, 1, widest, growing=False)
+        if found is not None:
+            return Sizing(make(found[0]), found[1], f"collisions={found[0]}, {how}" + _small_note(full))
+    return _unreachable(budget, hashed(widest), f"no vocabulary, {widest} collisions")
 
 
 def _tail_buckets(budget: Budget, row_bytes: int) -> int:
@@ -178,36 +239,6 @@ def size_full_buckets(budget: Budget) -> Sizing:
 def _min_count_ladder(budget: Budget) -> list[int]:
     top = int(max(c.max() for c in budget.counts())) + 1
     return sorted({1, *(2 ** i for i in range(int(np.log2(top)) + 1)), top})
-
-
-def size_qr(budget: Budget) -> Sizing:
-    """Quotient-remainder (mult): the vocabulary costs 8 bytes per ID, so the smallest ``min_count``
-    of 1, 2, 4, ... whose tables fit at the most useful collisions keeps a vocabulary; the IDs it
-    drops are hashed into as many row numbers as they were on average per feature (``oov_buckets``,
-    at most the (rows / 2)^2 a feature's share of the target could compose); then the smallest
-    ``collisions`` that fits. A feature of R row numbers stores R / c + c rows,
-    least at c = sqrt(R): collisions are searched up to the square root of the largest R."""
-    counts, features = budget.counts(), len(budget.cfg.data.schema.sparse)
-
-    # a feature of R row numbers stores at least 2 sqrt(R) rows: more tail buckets than fit so cannot pay off
-    rows_each = budget.target // (features * 4 * (budget.base.embedding_dim + 1))
-
-    def make_with(m: int) -> tuple[Callable[[int], list[TableConfig]], int]:
-        tail = sum(int((c < m).sum()) for c in counts) if m > 1 else 0
-        buckets = max(1, min(tail // features, (rows_each // 2) ** 2))
-        widest = math.isqrt(max(int((c >= m).sum()) for c in counts) + buckets) + 1
-        options = {"min_count": m, "oov_buckets": buckets, "threshold": 0}  # only features of R <= c stay full
-        return (lambda c: [budget.block("qr", options={**options, "collisions": c})]), widest
-
-    for m in _min_count_ladder(budget):
-        make, widest = make_with(m)
-        if budget.measure(make(widest)) <= budget.target * OVERSHOOT:
-            found = _search(make, budget, 1, widest, growing=False)
-            if found is not None:
-                opts = make(found[0])[0].options
-                return Sizing(make(found[0]), found[1], ", ".join(f"{k}={v}" for k, v in opts.items()))
-    make, widest = make_with(_min_count_ladder(budget)[-1])
-    return _unreachable(budget, make(widest), f"no vocabulary, {widest} collisions")
 
 
 MIXED_ALPHA = 0.3
