@@ -85,6 +85,7 @@ class SSDMeasured:
     """What one run measured."""
 
     samples_per_second: dict[str, float] = field(default_factory=dict)
+    cpu_seconds_per_step: dict[str, float] = field(default_factory=dict)
     ssd_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     disk_reads_per_second: float = 0.0
     table_bytes: int = 0
@@ -165,15 +166,16 @@ def run_ssd_bench(opts: SSDBenchOptions) -> SSDMeasured:
 
         # Every SSD step trains a batch of its own (a stream, as in training): (b) and (c) take turns
         # on one table, and neither may find its rows cached because the other just trained them.
-        def ssd_round(depth: int | None, steps: int) -> tuple[int, float]:
+        # The batches are made before the clock starts, as (a)'s are.
+        def ssd_round(depth: int | None, steps: int) -> tuple[int, float, float]:
             nonlocal position
-            chosen = (zipf_batch(opts, i) for i in range(position, position + steps))
+            chosen = [zipf_batch(opts, i) for i in range(position, position + steps)]
             position += steps
             source = chosen if depth is None else lookahead(chosen, tables, depth)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             for batch in source:
                 ssd_step(batch)
-            return steps * opts.batch, time.perf_counter() - started
+            return steps * opts.batch, time.perf_counter() - started, time.process_time() - cpu
 
         started = time.perf_counter()
         while position < opts.warmup and time.perf_counter() - started < opts.warmup_seconds:
@@ -195,22 +197,21 @@ def run_ssd_bench(opts: SSDBenchOptions) -> SSDMeasured:
         ram_batches = [zipf_batch(opts, 10**9 + i) for i in range(opts.steps)]  # apart from the stream
         for batch in ram_batches[:2]:
             ram_step(batch)
-        totals = {"ram": [0, 0.0], "ssd_no_prefetch": [0, 0.0], "ssd_prefetch": [0, 0.0]}
+        totals = {"ram": [0, 0.0, 0.0], "ssd_no_prefetch": [0, 0.0, 0.0], "ssd_prefetch": [0, 0.0, 0.0]}
         for _ in range(opts.rounds):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             for i in range(opts.steps):
                 ram_step(ram_batches[i])
-            totals["ram"][0] += opts.steps * opts.batch
-            totals["ram"][1] += time.perf_counter() - started
+            ram = (opts.steps * opts.batch, time.perf_counter() - started, time.process_time() - cpu)
+            totals["ram"] = [t + got for t, got in zip(totals["ram"], ram)]
             for name, depth in (("ssd_no_prefetch", None), ("ssd_prefetch", opts.depth)):
-                samples, seconds = ssd_round(depth, opts.steps)
-                totals[name][0] += samples
-                totals[name][1] += seconds
+                totals[name] = [t + got for t, got in zip(totals[name], ssd_round(depth, opts.steps))]
                 stats = disk.stats()
                 merged = measured.ssd_stats.setdefault(name, {})
                 for k, v in stats.items():
                     merged[k] = merged.get(k, 0.0) + v / opts.rounds
-        measured.samples_per_second = {k: s / max(t, 1e-9) for k, (s, t) in totals.items()}
+        measured.samples_per_second = {k: s / max(t, 1e-9) for k, (s, t, _) in totals.items()}
+        measured.cpu_seconds_per_step = {k: c * opts.batch / s for k, (s, _, c) in totals.items()}
         measured.peak_rss_all = _peak_rss()
         disk.close()
         shutil.rmtree(folder)  # gigabytes: a run leaves none behind, also under --folder
@@ -233,13 +234,15 @@ def report(m: SSDMeasured, opts: SSDBenchOptions) -> tuple[str, dict]:
              f"{opts.dim} = {m.table_bytes / 2**30:.2f} GiB of rows + Adagrad state on disk; cache "
              f"{opts.cache_fraction:.0%} of rows ({m.cache_bytes / 2**20:.0f} MiB in RAM with its maps); batch {opts.batch}",
              f"disk: {m.disk_reads_per_second:,.0f} random 4 KiB reads/s (O_DIRECT, {opts.io_threads} in flight)",
-             f"{'variant':<18}{'samples/s':>12}{'hit rate':>10}{'unique hit':>11}{'misses/step':>13}{'wait s':>8}"]
+             f"{'variant':<18}{'samples/s':>12}{'hit rate':>10}{'unique hit':>11}{'misses/step':>13}{'wait s':>8}"
+             f"{'CPU s/step':>12}"]
     for name in ("ram", "ssd_no_prefetch", "ssd_prefetch"):
         s = m.ssd_stats.get(name, {})
         lines.append(f"{name:<18}{sps[name]:>12,.0f}{s.get('cache_hit_rate', 1.0):>10.3f}"
                      f"{s.get('cache_unique_hit_rate', 1.0):>11.3f}{s.get('misses_per_step', 0.0):>13,.0f}"
-                     f"{s.get('prefetch_wait_seconds', 0.0):>8.2f}")
-    record = {"samples_per_second": sps, "disk_reads_per_second": m.disk_reads_per_second,
+                     f"{s.get('prefetch_wait_seconds', 0.0):>8.2f}{m.cpu_seconds_per_step.get(name, 0.0):>12.3f}")
+    record = {"samples_per_second": sps, "cpu_seconds_per_step": m.cpu_seconds_per_step,
+              "disk_reads_per_second": m.disk_reads_per_second,
               "disk_bound_samples_per_second": disk_bound, "ssd_stats": m.ssd_stats,
               "prefetch_vs_bound": sps["ssd_prefetch"] / bound, "prefetch_vs_no_prefetch":
               sps["ssd_prefetch"] / max(sps["ssd_no_prefetch"], 1e-9), "prefetch_vs_ram": sps["ssd_prefetch"] / sps["ram"],
