@@ -215,8 +215,8 @@ def _point(cfg: Config, kind: str, ratio: float, budget: Budget, steps: int, out
     point = Point(kind, ratio, measured, budget.full_bytes / measured, m.get("valid/auc", math.nan),
                   m.get("valid/logloss", math.nan), m.get("valid/auc_gap", math.nan), run.samples_per_second,
                   run.steps, sizing.note, seed)
-    print(f"frontier: {kind} at {ratio:g}x, seed {seed}: valid AUC {point.auc:.4f}, {measured:,} bytes ({point.achieved:.1f}x)",
-          flush=True)
+    print(f"frontier: {kind} at {ratio:g}x, seed {seed}: valid AUC {point.auc:.4f}, {measured:,} bytes "
+          f"({point.achieved:.1f}x)", flush=True)
     return point
 
 

@@ -108,7 +108,7 @@ def table(points, full_bytes: int, steps: int) -> str:
     the mean metrics over seeds with the AUC's standard deviation and range, steps, how sized)."""
     lines = [f"full: {full_bytes:,} bytes of tables; every trained point {steps} steps.", "",
              "| kind | target | bytes (measured) | achieved | valid AUC | std | min-max | logloss | oracle gap "
-             "| samples/s | steps | seeds | sizing |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| samples/s | steps | seeds | sizing |", "|---|" + "---:|" * 11 + "---|"]
     for g in summarize(points):
         spread = f"{g.low:.4f}-{g.high:.4f}" if g.trained else "-"
         lines.append(f"| {g.kind} | {g.ratio:g}x | {g.bytes:,} | {_number(g.achieved, '.1f')}x | "
