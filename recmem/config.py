@@ -320,6 +320,9 @@ class OnlineConfig:
     becomes ``champion`` only if, on the last ``guardrail_windows`` windows, its AUC is at most
     ``max_auc_drop`` below the champion's and its calibration lies in ``calibration_range``
     ``[low, high]``; else serving is rolled back to the champion (``recmem/online/snapshot.py``).
+    With ``ray.enabled`` and ``ray.num_workers > 1`` the windows train on Ray workers with sharded
+    tables (``recmem/online/workers.py``); their checkpoints go to ``ray.storage_path`` (empty:
+    ``<workdir>/<checkpoint_dir>/ray``) under ``ray.run_name``, and deltas need collisionless tables.
     """
 
     landing: str = "runs/landing"

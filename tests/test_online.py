@@ -367,13 +367,14 @@ def test_deltas_refuse_tables_they_cannot_carry(stream, tmp_path):
         DeltaPublisher(cfg, build_job_model(cfg))
 
 
-def test_ray_workers_are_refused_not_ignored(stream, tmp_path):
+def test_ray_workers_take_no_source_from_the_caller(stream, tmp_path):
     from recmem.config import ConfigError
+    from recmem.online.source import LandingDirectory
 
     root, _ = stream
     cfg = online_config(root, tmp_path, tmp_path / "landing", "ray.enabled=true", "ray.num_workers=2")
-    with pytest.raises(ConfigError, match="ray.num_workers=2: recmem online trains in one process"):
-        run_online(cfg)
+    with pytest.raises(ConfigError, match="ray.num_workers=2: the workers read online.landing"):
+        run_online(cfg, source=LandingDirectory(str(tmp_path / "landing"), cfg.data.schema))
 
 
 def test_landing_directory_by_filesystem_uri(stream, tmp_path):

@@ -74,6 +74,7 @@ class SharedWindow:
         slices: this worker's rows of each global batch.
         scales: each slice's gradient scale.
         batch_newest: each global batch's newest event time.
+        whole: the whole window, on rank 0 only (never sent).
     """
 
     key: str
@@ -86,6 +87,7 @@ class SharedWindow:
     slices: list[pa.Table] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     batch_newest: list[int | None] = field(default_factory=list)
+    whole: Window | None = None
 
 
 def next_shared_window(source: StreamSource | None, offsets: dict[str, int], cfg: Config, stop: bool = False,
@@ -110,6 +112,8 @@ def next_shared_window(source: StreamSource | None, offsets: dict[str, int], cfg
         messages = _split(window, cfg, world) if window is not None else [("stop" if stop else "idle", None)] * world
     mine: list[Any] = [None]
     dist.scatter_object_list(mine, messages if rank == 0 else None, src=0, group=group)
+    if rank == 0 and mine[0][1] is not None:
+        mine[0][1].whole = window
     return mine[0]
 
 
@@ -182,8 +186,8 @@ class GlobalBatches:
         return None
 
 
-def score_then_train_share(session: Any, share: SharedWindow, cfg: Config,
-                           hooks: GlobalBatches) -> tuple[list, dict[str, Any]]:
+def score_then_train_share(session: Any, share: SharedWindow, cfg: Config, hooks: GlobalBatches,
+                           group: Any = None) -> tuple[list, dict[str, Any]]:
     """Score this worker's share of a window with the model as it stands, then train on it; collective.
 
     Returns:
@@ -206,7 +210,7 @@ def score_then_train_share(session: Any, share: SharedWindow, cfg: Config,
             table.evict(share.newest)
     live = [v for k, v in session.model.tables.stats().items() if k.endswith("/rows_live")]
     total = torch.tensor([sum(live) if live else math.nan], dtype=torch.float64)
-    dist.all_reduce(total)
+    dist.all_reduce(total, group=group)
     return batches, {"key": share.key, "rows": share.rows, "auc": scored["online/auc"],
                      "logloss": scored["online/logloss"], "calibration": scored["online/calibration"],
                      "newest_time": share.newest, "rows_live": float(total)}
@@ -237,3 +241,15 @@ def gather_changes(model: torch.nn.Module, group: Any = None) -> dict[str, dict[
         return None
     return {name: {k: torch.cat([c[name][k] for c in everyone]) for k in ("ids", "weights", "freed")}
             for name in everyone[0]}
+
+
+def gather_forms(model: torch.nn.Module, cfg: Config, group: Any = None) -> list[Any] | None:
+    """Every feature's whole serving form, merged on rank 0 from every worker's pieces (as ``recmem
+    export`` does for a Ray checkpoint: ``export/distributed.py``); None on the other ranks. Collective."""
+    from recmem.export.distributed import merged_forms, rank_pieces
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    pieces = rank_pieces(model, rank, world)
+    everyone: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(pieces, everyone, dst=0, group=group)
+    return merged_forms(cfg, everyone) if everyone is not None else None

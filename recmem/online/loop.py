@@ -20,6 +20,10 @@ is written, so serving never shows rows that a crash could take back (see ``sync
 between the checkpoint and the push).
 
 SIGTERM (and Ctrl-C) lets the window in progress finish and checkpoint, then the loop exits 0.
+
+With ``ray.enabled`` and ``ray.num_workers > 1`` the same loop runs on Ray workers with sharded
+tables (``workers.py``): rank 0 picks each window and every worker trains its share of it
+(``distributed.py``); the commit is a checkpoint of every worker's shard.
 """
 
 from __future__ import annotations
@@ -106,13 +110,22 @@ def run_online(cfg: Config, say: Say = print, stop: StopFlag | None = None,
             is set; snapshots (``snapshot.Snapshotter``) follow when ``online.register_as`` and
             ``online.snapshot_every`` are set.
 
+    On Ray workers (``ray.num_workers > 1``: ``workers.run_online_ray``) the workers read the stream
+    and reach the endpoints themselves, and SIGTERM / SIGINT reach them through the run folder; the
+    caller passes none of ``stop``, ``source`` and ``post``.
+
     Raises:
         ResumeError: the newest checkpoint was written for another model config or stream.
+        ConfigError: ``stop``, ``source`` or ``post`` given for Ray workers.
     """
     o = cfg.online
     if cfg.ray.enabled and cfg.ray.num_workers > 1:
-        raise ConfigError(f"ray.num_workers={cfg.ray.num_workers}: recmem online trains in one process (windows "
-                          "on Ray workers are not built); set ray.num_workers=1")
+        if stop is not None or source is not None or post is not None:
+            raise ConfigError(f"ray.num_workers={cfg.ray.num_workers}: the workers read online.landing and reach "
+                              "online.endpoints themselves (no stop flag, source or post from the caller)")
+        from recmem.online.workers import run_online_ray
+
+        return run_online_ray(cfg, say)
     previous = {}
     if stop is None:
         stop = StopFlag()

@@ -37,13 +37,16 @@ class Snapshotter:
         cfg: the job (``online`` section; tracking for the registry's URI).
         say: where the verdicts go.
         publisher: the delta publisher to roll back and resume (None: no endpoints).
+        register: registers the committed model as a new version and returns its number; default:
+            the newest checkpoint of ``online.checkpoint_dir``, exported (one process's).
     """
 
-    def __init__(self, cfg: Config, say: Callable[[str], None] = print, publisher: Any = None) -> None:
+    def __init__(self, cfg: Config, say: Callable[[str], None] = print, publisher: Any = None,
+                 register: Callable[[], str] | None = None) -> None:
         from recmem.tracking.logger import default_tracking_uri
 
         o = cfg.online
-        self.cfg, self.say, self.publisher = cfg, say, publisher
+        self.cfg, self.say, self.publisher, self.register = cfg, say, publisher, register
         self.name, self.every, self.drop = o.register_as, o.snapshot_every, o.max_auc_drop
         self.low, self.high = o.calibration_range
         self.uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.workdir)
@@ -60,8 +63,11 @@ class Snapshotter:
         """Export and register the newest checkpoint, then apply the guardrail; the verdict's figures."""
         from recmem.registry import register_trained, registry_client, set_alias
 
-        checkpoints = Path(self.cfg.workdir) / self.cfg.online.checkpoint_dir
-        version, _ = register_trained(self.cfg, self.name, str(checkpoints))
+        if self.register is not None:
+            version = self.register()
+        else:
+            checkpoints = Path(self.cfg.workdir) / self.cfg.online.checkpoint_dir
+            version, _ = register_trained(self.cfg, self.name, str(checkpoints))
         candidate = {"auc": float(np.nanmean([r["auc"] for _, r in self.recent])),
                      "calibration": float(np.nanmean([r["calibration"] for _, r in self.recent]))}
         champion = self._champion_scores()

@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -199,6 +200,89 @@ class DeltaPublisher:
             return None
         self._held[endpoint] = version
         return sum(len(t["ids"]) for t in body["tables"].values()), 1
+
+
+def check_shared_tables(cfg: Config) -> None:
+    """Refuse, naming the key, table blocks whose deltas several workers cannot send.
+
+    Raises:
+        ConfigError: a block of a kind that does not record its changed rows.
+    """
+    for i, block in enumerate(cfg.model.tables):
+        if block.kind != "collisionless":
+            raise ConfigError(f"model.tables.{i}.kind={block.kind}: with online.endpoints on "
+                              f"ray.num_workers={cfg.ray.num_workers} workers only collisionless tables (which "
+                              "record their changed rows) send deltas; use one worker for other kinds")
+
+
+class _NotGathered(Exception):
+    """A full resend asked for the whole tables where the workers had not gathered them."""
+
+
+class _GatheredTables:
+    """Rank 0's stand-in for a sharded model's tables: the changes and forms the workers gathered."""
+
+    def __init__(self, features: list[str]) -> None:
+        self.feature_names = features
+        self.tables = [self]
+        self.changes: dict[str, dict[str, torch.Tensor]] = {}
+        self.forms: list[Any] | None = None
+
+    def take_changes(self) -> dict[str, dict[str, torch.Tensor]]:
+        changes, self.changes = self.changes, {}
+        return changes
+
+    def to_serving(self) -> list[Any]:
+        if self.forms is None:
+            raise _NotGathered
+        return self.forms
+
+
+class SharedDeltaPublisher(DeltaPublisher):
+    """The delta publisher of several workers, on rank 0 (``online/workers.py``): after each commit
+    the workers hand rank 0 their changed rows (``distributed.gather_changes``), and the whole tables
+    (``distributed.gather_forms``) only when a push is due that starts with a full resend
+    (:meth:`wants_forms`). An endpoint that asks for a full resend in the middle of a push (409) gets
+    it at the next sync. Only tables that record their changes can be synced so.
+
+    Args:
+        cfg, say, post: as :class:`DeltaPublisher`.
+        model: this worker's model (its dense layers are every worker's: DDP).
+        forms: the whole tables now (``gather_forms``), for the checks at start.
+
+    Raises:
+        ConfigError: as :class:`DeltaPublisher`, or a block whose kind does not record its changes.
+    """
+
+    def __init__(self, cfg: Config, model: Any, forms: list[Any], say: Callable[[str], None] = print,
+                 post: Callable[[str, bytes], tuple[int, dict]] | None = None) -> None:
+        check_shared_tables(cfg)
+        self.gathered = _GatheredTables(list(cfg.data.schema.sparse))
+        self.gathered.forms = forms
+        super().__init__(cfg, SimpleNamespace(tables=self.gathered, dense=model.dense), say, post)
+        self.gathered.forms = None
+
+    def wants_forms(self) -> bool:
+        """Whether the push after this window is due and starts with a full resend to an endpoint."""
+        due = not self.paused and self.clock() - self._last_push >= self.interval
+        return due and any(held is None for held in self._held.values())
+
+    def publish(self, session: Any, windows: int, changes: dict[str, dict[str, torch.Tensor]],
+                forms: list[Any] | None) -> dict[str, Any]:
+        """:meth:`DeltaPublisher.__call__` with the workers' gathered ``changes`` (and ``forms``)."""
+        self.gathered.changes, self.gathered.forms = changes, forms
+        try:
+            return self(session, windows)
+        finally:
+            self.gathered.forms = None
+
+    def _push(self, endpoint: str, version: str, dense: bool) -> tuple[int, int] | None:
+        try:
+            return super()._push(endpoint, version, dense)
+        except _NotGathered:
+            self.say(f"recmem online: {endpoint} needs a full resend; it follows at the next sync")
+            self._held[endpoint] = None
+            return None
 
 
 def changed_rows(old: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]
