@@ -265,11 +265,14 @@ def test_sigkill_of_a_worker_mid_commit_trains_every_row_once_and_serves_the_mod
 def test_on_ray_a_killed_worker_restarts_the_group_and_every_row_trains_once(stream, ray_cluster, tmp_path):
     """``recmem online`` with ray.num_workers=2: SIGKILL to a worker once the first window is committed
     (two files have landed, two land after the kill); the group restarts from its newest complete
-    checkpoint and trains every row once, each window scored as one process scores it."""
+    checkpoint and trains every row once, each window scored as one process scores it; the STOP file
+    ends it."""
+    import json
     import shutil
     import threading
     import time
 
+    from recmem.online.workers import STOP
     from tests.test_distributed_ray import _train_workers
 
     root, landing = stream
@@ -278,7 +281,7 @@ def test_on_ray_a_killed_worker_restarts_the_group_and_every_row_trains_once(str
     fresh.mkdir()
     for f in files[:2]:
         shutil.copy(f, fresh / f.name)
-    cfg = tiny_config(root, tmp_path, f"online.landing={fresh}", *OVERRIDES, "online.idle_exit_s=4",
+    cfg = tiny_config(root, tmp_path, f"online.landing={fresh}", *OVERRIDES, "online.idle_exit_s=0",
                       "ray.enabled=true", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.max_failures=2")
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=run_online(cfg, say=print)))
@@ -294,7 +297,15 @@ def test_on_ray_a_killed_worker_restarts_the_group_and_every_row_trains_once(str
     for f in files[2:]:
         shutil.copy(f, fresh / f".{f.name}.tmp")
         (fresh / f".{f.name}.tmp").rename(fresh / f.name)
-    runner.join(timeout=600)
+    # Once the last window is committed (8 steps: 3 + 3 + 1 + 1 batches), STOP (what the driver writes
+    # on SIGTERM) ends the run: the loop never exits idle here.
+    deadline = time.monotonic() + 300
+    while runner.is_alive() and time.monotonic() < deadline and not any(
+            json.loads(m.read_text())["step"] == 8 for m in run.glob("checkpoint_*/meta.json")):
+        time.sleep(0.1)
+    (run / STOP).write_text("stop")
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "the workers did not stop"
     assert killed, "the worker must die mid-run"
     result = outcome["result"]
     assert (result.windows, result.rows) == (len(FILES), sum(FILES))
