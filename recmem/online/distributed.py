@@ -13,22 +13,24 @@ offsets. So, with W workers:
   gradient is scaled by ``W * slice / batch`` on the way back (a hook on the model's output), so
   every batch's gradient is the single process's, full or short;
 - a window's tail shorter than W rows rides with the batch before it (no slice is ever empty: a
-  sharded step needs rows on every worker); a window of fewer than W rows in all goes whole to every
-  worker, each slice weighted ``1/W``: the gradients are still the single process's, but the
-  collisionless admission filters count those rows W times;
+  sharded step needs rows on every worker), so there one step of W workers stands for the two one
+  process takes; a window of fewer than W rows in all goes whole to every worker (the averaging over
+  workers keeps its gradients the single process's, but collisionless admission filters count its
+  IDs W times);
 - tables stamp rows with the global batch's newest event time (not the slice's) and expire rows at
   the window's newest, on every shard: data time is the same as in one process;
 - test-then-train: every worker scores its slices before training and ``evaluate`` gathers the
   scores, so every rank reports the AUC of the whole window.
 
 Rank 0 also decides when to stop (it holds the stop flag and the idle clock) and says so in the same
-message, so every worker leaves the loop after the same window.
+message, so every worker leaves the loop after the same window. For deltas and snapshots, which rank
+0 sends, every worker hands rank 0 its changed rows (:func:`gather_changes`) or its whole tables
+(:func:`gather_forms`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +50,7 @@ def shares(rows: int, batch_size: int, world_size: int) -> list[list[tuple[int, 
         ``[rank][batch] -> (begin, end, scale)``: rows ``[begin, end)`` of the window; every rank
         has the same number of batches, none empty (see the module docstring).
     """
-    if rows < world_size:  # too few rows to split: every worker trains them all, weighted 1 / W
+    if rows < world_size:  # too few rows to split: every worker trains them all
         return [[(0, rows, 1.0)] for _ in range(world_size)]
     starts = list(range(0, rows, batch_size))
     if len(starts) > 1 and rows - starts[-1] < world_size:
