@@ -1,7 +1,7 @@
 """The Ray worker group (``recmem/train/distributed/group.py``) on the test run's local Ray: rank 0's
 value comes back, every rank knows its place, a ValueError is raised at once, a worker that dies or
 raises brings the whole group down and a new one up, and no actor outlives ``run_workers`` (success,
-failure, Ctrl-C). Training resumed from a checkpoint by a new group is in ``test_distributed_ray.py``.
+failure, Ctrl-C, SIGTERM). Training resumed from a checkpoint by a new group is in ``test_distributed_ray.py``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_a_dead_or_failing_worker_restarts_the_whole_group_until_the_retries_run
     payload = {"folder": str(tmp_path), "kill_first": True, "error": RuntimeError("disk on fire")}
     started = time.monotonic()
     with pytest.raises(WorkerFailed, match=r"Ray worker 1 failed \(RuntimeError: disk on fire\); gave up after "
-                                           r"2 restarts of the workers \(ray.max_failures=2\)") as failed:
+                                           r"2 restarts of the workers$") as failed:
         run_workers(_config(tmp_path), _failing, payload, retries=2)
     print(f"three starts of two workers, each ended at its first failure: {time.monotonic() - started:.1f} s")
     assert failed.value.rank == 1 and isinstance(failed.value.cause, RuntimeError)
@@ -122,7 +122,12 @@ def test_a_dead_or_failing_worker_restarts_the_whole_group_until_the_retries_run
     assert _no_group_left()
 
 
-def test_ctrl_c_on_the_driver_ends_the_workers(ray_cluster, tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_on_the_driver_ends_the_workers(ray_cluster, tmp_path, stop):
+    """Ctrl-C raises KeyboardInterrupt in the driver; SIGTERM, SystemExit (by the handler ray.init
+    installs in a driver's main thread)."""
+    if stop == "sigterm" and not callable(signal.getsignal(signal.SIGTERM)):
+        pytest.skip("no SIGTERM handler from ray.init in this process: SIGTERM would end the test run")
     running: list[int] = []
 
     def interrupt_once_running() -> None:
@@ -130,10 +135,13 @@ def test_ctrl_c_on_the_driver_ends_the_workers(ray_cluster, tmp_path):
         while len(list(tmp_path.glob("running-*"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         running.extend(_group_processes())
-        _thread.interrupt_main()
+        if stop == "ctrl-c":
+            _thread.interrupt_main()
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=interrupt_once_running, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else SystemExit):
         run_workers(_config(tmp_path), _waiting, {"folder": str(tmp_path)})
     assert len(running) == 2, "both workers were running when Ctrl-C came"
     assert _no_group_left(), "the driver lives on; its workers do not"

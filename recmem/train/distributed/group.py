@@ -71,7 +71,7 @@ class WorkerFailed(RuntimeError):
     def __init__(self, rank: int, cause: BaseException, retries: int) -> None:
         why = (str(cause).strip().splitlines() or [""])[0][:300]
         super().__init__(f"Ray worker {rank} failed ({type(cause).__name__}: {why}); gave up after {retries} "
-                         f"restart{'s' * (retries != 1)} of the workers (ray.max_failures={retries})")
+                         f"restart{'s' * (retries != 1)} of the workers")
         self.rank, self.cause, self.retries = rank, cause, retries
 
 
