@@ -28,7 +28,7 @@ def parse_options(argv: list[str] | None = None) -> RayPathOptions:
     p.add_argument("--workdir", default="", help="where data and runs go (default: a new temporary folder)")
     p.add_argument("--variant", action="append", choices=list(VARIANTS), help="run only this one (repeatable)")
     p.add_argument("--repeat", type=int, default=3, help="rounds of the variants; the median round counts")
-    p.add_argument("--no-floor", action="store_true", help="skip Ray's floor (an empty Ray Train job)")
+    p.add_argument("--no-floor", action="store_true", help="skip Ray's floors (an empty Ray Train job, a plain Ray actor)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
     workdir = a.workdir or tempfile.mkdtemp(prefix="recmem-bench-ray-")
