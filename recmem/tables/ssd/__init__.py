@@ -41,9 +41,10 @@ class SSDOptions:
             the same rows, width and seed is reused, so a restart does not rewrite the initial rows.
         cache_rows: rows held in RAM, shared by the block's features; it must hold every row the
             batches in the prefetch window need at once (a smaller cache is an error naming the minimum).
-        io_threads: disk reads and writes in flight at once.
-        direct_io: read with O_DIRECT, bypassing the page cache (which otherwise keeps recently
-            read blocks in RAM outside the cache's bound).
+        io_threads: disk reads in flight at once (rows written back go to the file's log in one
+            sequential write per batch).
+        direct_io: read and append with O_DIRECT, bypassing the page cache (which otherwise keeps
+            recently read and written blocks in RAM outside the cache's bound).
     """
 
     path: str = checked("", non_empty=True)
