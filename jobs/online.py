@@ -3,6 +3,7 @@
     recmem generate --config jobs/configs/online.yaml        # once (the job generates it when missing)
     python jobs/online.py --config jobs/configs/online.yaml --mode frozen --json runs/online_frozen.json
     python jobs/online.py --config jobs/configs/online.yaml --mode freshness --max-files 20 --land-every-s 2
+    python jobs/online.py --config jobs/configs/online.yaml --mode freshness ray.num_workers=2 ray.cpus_per_worker=1
     python jobs/online.py --config jobs/configs/online_criteo.yaml --mode frozen --file-rows 500 --warmup-files 2
 
 What each mode measures: ``recmem/bench/online.py``. Prints the summary as JSON (and writes it to
