@@ -140,8 +140,9 @@ def _run_group(cfg: Config, fn: Callable[[Any], T], payload: Any) -> T:
     actors = []
     try:
         if not ray.wait([group.ready()], timeout=60)[0]:
-            print(f"recmem: waiting for Ray to place {size} workers of {bundle} "
-                  f"(the cluster has {ray.available_resources()} free)", flush=True)
+            free = {k: v for k, v in ray.available_resources().items() if k in bundle}
+            print(f"recmem: waiting for Ray to place {size} workers of {bundle} (free in the cluster now: "
+                  f"{free}; an autoscaling cluster may add nodes)", flush=True)
             ray.get(group.ready())
         worker = ray.remote(RecmemWorker)
         actors = [worker.options(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if gpu else 0,
