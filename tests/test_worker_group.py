@@ -1,7 +1,7 @@
 """The Ray worker group (``recmem/train/distributed/group.py``) on the test run's local Ray: rank 0's
 value comes back, every rank knows its place, a ValueError is raised at once, a worker that dies or
 raises brings the whole group down and a new one up, and no actor outlives ``run_workers`` (success,
-failure, Ctrl-C, SIGTERM). Training resumed from a checkpoint by a new group is in ``test_distributed_ray.py``.
+failure, Ctrl-C). Training resumed from a checkpoint by a new group is in ``test_distributed_ray.py``.
 """
 
 from __future__ import annotations
@@ -122,12 +122,9 @@ def test_a_dead_or_failing_worker_restarts_the_whole_group_until_the_retries_run
     assert _no_group_left()
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_on_the_driver_ends_the_workers(ray_cluster, tmp_path, stop):
-    """Ctrl-C raises KeyboardInterrupt in the driver; SIGTERM, SystemExit (by the handler ray.init
-    installs in a driver's main thread)."""
-    if stop == "sigterm" and not callable(signal.getsignal(signal.SIGTERM)):
-        pytest.skip("no SIGTERM handler from ray.init in this process: SIGTERM would end the test run")
+def test_ctrl_c_on_the_driver_ends_the_workers(ray_cluster, tmp_path):
+    """(SIGTERM takes the same way out: ray.init's handler raises SystemExit in a driver's main thread.
+    Not sent here: Ray's native signal handler then aborts this process at its exit.)"""
     running: list[int] = []
 
     def interrupt_once_running() -> None:
@@ -135,13 +132,10 @@ def test_ctrl_c_or_sigterm_on_the_driver_ends_the_workers(ray_cluster, tmp_path,
         while len(list(tmp_path.glob("running-*"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         running.extend(_group_processes())
-        if stop == "ctrl-c":
-            _thread.interrupt_main()
-        else:
-            os.kill(os.getpid(), signal.SIGTERM)
+        _thread.interrupt_main()
 
     threading.Thread(target=interrupt_once_running, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else SystemExit):
+    with pytest.raises(KeyboardInterrupt):
         run_workers(_config(tmp_path), _waiting, {"folder": str(tmp_path)})
     assert len(running) == 2, "both workers were running when Ctrl-C came"
     assert _no_group_left(), "the driver lives on; its workers do not"
