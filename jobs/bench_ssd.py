@@ -4,12 +4,15 @@
     python jobs/bench_ssd.py --quick          # tiny sizes, seconds (the smoke test)
     python jobs/bench_ssd.py --rows 200000 --folder /mnt/nvme/tmp
     python jobs/bench_ssd.py --formats        # the row formats compared: recmem's block file, LMDB, RocksDB
+    OMP_WAIT_POLICY=PASSIVE python jobs/bench_ssd.py   # torch's idle OpenMP threads sleep instead of
+                                                       # spinning against the disk's I/O threads
 
-Needs rows x tables x (dim + 1) x 4 bytes free under --folder (the system's temporary folder by
-default; ~1.4 GB at the defaults), and as much again for the log of rows written back. Prints the CPU's capability, the disk's random-read rate, samples/s,
-hit rates, misses per step and prefetch wait of each variant, the targets, peak RSS, then one JSON line.
-What is measured how: ``recmem/bench/ssd.py`` (and ``recmem/bench/ssd_formats.py`` for ``--formats``,
-whose peers need ``pip install lmdb rocksdict``: they are not recmem dependencies).
+Needs rows x tables x (dim + 1) x 4 bytes free under --folder (the system's temporary folder by default;
+~1.4 GB at the defaults), and as much again for the log of rows written back. Prints the CPU's
+capability, the disk's random-read rate, samples/s, hit rates, misses per step and prefetch wait of each
+variant, the targets, peak RSS, then one JSON line. What is measured how: ``recmem/bench/ssd.py`` (and
+``recmem/bench/ssd_formats.py`` for ``--formats``, whose peers need ``pip install lmdb rocksdict``: they
+are not recmem dependencies).
 """
 
 from __future__ import annotations
