@@ -1,9 +1,10 @@
-"""The memory/quality frontier on both datasets: the synthetic 2M rows (generated on first run) and
-the real Criteo sample (prepared from ../shared/data/criteo_kaggle_head10k when present, skipped
-otherwise). Each is ``recmem frontier --config <its config>``; logic and figures:
+"""The memory/quality frontier on three datasets: the synthetic 2M rows, the same log with per-ID effects
+(``frontier_synthetic_ids.yaml``: tail IDs keep their own effects, so collisions cost AUC; both
+generated on first run) and the real Criteo sample (prepared from ../shared/data/criteo_kaggle_head10k
+when present, skipped otherwise). Each is ``recmem frontier --config <its config>``; logic and figures:
 ``recmem/bench/frontier.py``.
 
-    python jobs/frontier.py                       # both datasets, 1x 4x 16x 64x, each config's step budget
+    python jobs/frontier.py                       # every dataset, 1x 4x 16x 64x, each config's step budget
     python jobs/frontier.py --quick               # tiny synthetic data and the Criteo sample, 1x and 16x, 6 steps
     python jobs/frontier.py --steps 600 --lr qr=0.1
     python jobs/frontier.py --seeds 3             # every point with seeds 0, 1, 2: mean, spread, paired verdicts
@@ -16,7 +17,8 @@ import sys
 
 from recmem import cli
 
-CONFIGS = ("jobs/configs/frontier_synthetic.yaml", "jobs/configs/criteo_kaggle_10k.yaml")
+CONFIGS = ("jobs/configs/frontier_synthetic.yaml", "jobs/configs/frontier_synthetic_ids.yaml",
+           "jobs/configs/criteo_kaggle_10k.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
