@@ -184,7 +184,8 @@ class RowStore:
             return out
         slot = self.loc[rows].astype(np.int64) - 1
         logged = slot >= 0
-        blocks = np.where(logged, self.region_bytes + slot // self.per_log_block * BLOCK, rows // self.per_block * BLOCK)
+        blocks = np.where(logged, self.region_bytes + slot // self.per_log_block * BLOCK,
+                          rows // self.per_block * BLOCK)
         inner = np.where(logged, 4 * self.per_log_block + slot % self.per_log_block * (4 * self.record),
                          rows % self.per_block * (4 * self.record))
         unique, inverse = np.unique(blocks, return_inverse=True)
