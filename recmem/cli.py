@@ -15,6 +15,7 @@ from pathlib import Path
 from recmem.config import Config, ConfigError, load_config
 from recmem.lock import LockedError, exclusive
 from recmem.tracking.outbox import TrackingUnavailable
+from recmem.train.distributed.group import WorkerFailed
 
 COMMANDS = {
     "generate": "write recmem's synthetic Criteo-shaped click log (Parquet + feature statistics) to data.root, "
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, LockedError, TrackingUnavailable, ValueError) as e:
         print(f"recmem {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except WorkerFailed as e:  # its line names the worker, its error and the restarts; the workers' own output shows the trace
+        print(f"recmem {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _generate_arguments(c: argparse.ArgumentParser) -> None:

@@ -139,3 +139,35 @@ def test_ctrl_c_on_the_driver_ends_the_workers(ray_cluster, tmp_path):
         run_workers(_config(tmp_path), _waiting, {"folder": str(tmp_path)})
     assert len(running) == 2, "both workers were running when Ctrl-C came"
     assert _no_group_left(), "the driver lives on; its workers do not"
+
+
+def test_a_group_the_local_ray_cannot_place_is_refused_before_it_waits(ray_cluster, tmp_path):
+    import ray
+
+    from recmem.config import ConfigError
+    from recmem.train.distributed.launcher import _check_fits
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    cfg = tiny_config(tmp_path / "data", tmp_path, f"ray.num_workers={cpus + 1}", "ray.cpus_per_worker=1")
+    with pytest.raises(ConfigError, match=r"ray.num_workers=\d+ x ray.cpus_per_worker=1 needs \d+ CPUs"):
+        _check_fits(cfg, embedded=True)
+    _check_fits(cfg, embedded=False)  # a cluster may add nodes: the group waits there, with a line saying so
+    fits = tiny_config(tmp_path / "data", tmp_path, f"ray.num_workers={cpus * 2}", "ray.cpus_per_worker=0.5")
+    _check_fits(fits, embedded=True)
+    cuda = tiny_config(tmp_path / "data", tmp_path, "train.device=cuda")
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        with pytest.raises(ConfigError, match="train.device=cuda needs a GPU per worker"):
+            _check_fits(cuda, embedded=False)
+
+
+def test_the_cli_reports_workers_that_gave_up_in_one_line(monkeypatch, tmp_path, capsys):
+    from recmem import cli
+
+    def fail(cfg):
+        raise WorkerFailed(1, ConnectionError("peer closed\n  traceback lines"), 3)
+
+    monkeypatch.setattr(cli, "_train", fail)
+    assert cli.main(["train", f"workdir={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("recmem train: error: Ray worker 1 failed (ConnectionError: peer closed); "
+                   "gave up after 3 restarts of the workers")

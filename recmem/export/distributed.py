@@ -75,7 +75,7 @@ def export_ray(cfg: Config, out: Path, fmt: str, folder: str | Path | None = Non
 
     from recmem.train.distributed.group import run_workers
     from recmem.train.distributed.launcher import (
-        _init_ray, _no_checkpoint_message, _run_folder, _storage_path, resolve_paths,
+        _check_fits, _init_ray, _no_checkpoint_message, _run_folder, _storage_path, resolve_paths,
     )
 
     cfg = resolve_paths(cfg)
@@ -98,6 +98,7 @@ def export_ray(cfg: Config, out: Path, fmt: str, folder: str | Path | None = Non
     payload = {"config": cfg, "fs": fs, "folder": exact, "format": fmt, "out": staging}
     started = _init_ray(cfg)
     try:
+        _check_fits(cfg, started)
         return _copy_out(staging[0], run_workers(cfg, export_worker, payload, retries=0), out)
     finally:
         if started:

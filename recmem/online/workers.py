@@ -238,7 +238,7 @@ def run_online_ray(cfg: Config, say: Say = print) -> OnlineResult:
 
     from recmem.online.sync import check_shared_tables
     from recmem.train.distributed.group import run_workers
-    from recmem.train.distributed.launcher import _check_gpus, _check_resume, _claim_run, _init_ray, resolve_paths
+    from recmem.train.distributed.launcher import _check_fits, _check_resume, _claim_run, _init_ray, resolve_paths
 
     cfg = resolve_paths(cfg)
     landing = cfg.online.landing if "://" in cfg.online.landing else str(Path(cfg.online.landing).resolve())
@@ -264,7 +264,7 @@ def run_online_ray(cfg: Config, say: Say = print) -> OnlineResult:
         main = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
         try:
-            _check_gpus(cfg)
+            _check_fits(cfg, started)
             return run_workers(cfg, online_worker, {"config": cfg, "run": run}, cfg.ray.max_failures)
         finally:
             for s, handler in previous.items():

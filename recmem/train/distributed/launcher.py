@@ -90,7 +90,7 @@ def train_ray(cfg: Config, started_at: float | None = None) -> RayTrainResult:
         marks = {"ray_ready": time.time()}
         tracking.join()
         try:
-            _check_gpus(cfg)
+            _check_fits(cfg, started)
             log = RunLogger(cfg, run_id=_previous_run(storage, name) if cfg.train.resume else None)
             _remember_run(storage, name, log.run_id)
             marks["mlflow_ready"] = time.time()
@@ -154,7 +154,7 @@ def evaluate_ray(cfg: Config, split: str = "valid") -> dict[str, float]:
     data = plan_splits(cfg, workers, (split,))
     started = _init_ray(cfg)
     try:
-        _check_gpus(cfg)
+        _check_fits(cfg, started)
         payload = {"config": cfg, "run": (fs, posixpath.dirname(folder.rstrip("/"))), "split": split, "data": data}
         # No retries: what fails here (a plan that does not match, no loadable shard) fails again.
         metrics = run_workers(cfg, evaluate_worker, payload, retries=0)
@@ -208,16 +208,25 @@ def _init_ray(cfg: Config) -> bool:
     return True
 
 
-def _check_gpus(cfg: Config) -> None:
-    """Refuse ``train.device: cuda`` on a Ray cluster without GPUs: its workers would wait forever."""
+def _check_fits(cfg: Config, embedded: bool) -> None:
+    """Refuse a worker group the Ray cluster cannot place, before it waits for ever: ``train.device:
+    cuda`` without a GPU per worker, and on an embedded Ray (this machine only, nothing to add nodes)
+    more CPUs than it has. A cluster may autoscale: there a short group only waits, with a line saying so.
+
+    Raises:
+        ConfigError: naming the keys to change.
+    """
     import ray
 
-    if cfg.train.device != "cuda":
-        return
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < cfg.ray.num_workers:
-        raise ConfigError(f"train.device=cuda needs a GPU per worker (ray.num_workers={cfg.ray.num_workers}), "
-                          f"but the Ray cluster has {gpus:g}; use train.device=cpu or a cluster with GPUs")
+    r, resources = cfg.ray, ray.cluster_resources()
+    if cfg.train.device == "cuda" and resources.get("GPU", 0) < r.num_workers:
+        raise ConfigError(f"train.device=cuda needs a GPU per worker (ray.num_workers={r.num_workers}), "
+                          f"but the Ray cluster has {resources.get('GPU', 0):g}; use train.device=cpu or a cluster with GPUs")
+    cpus = resources.get("CPU", 0)
+    if embedded and r.num_workers * r.cpus_per_worker > cpus:
+        raise ConfigError(f"ray.num_workers={r.num_workers} x ray.cpus_per_worker={r.cpus_per_worker:g} needs "
+                          f"{r.num_workers * r.cpus_per_worker:g} CPUs, but the local Ray has {cpus:g}: lower "
+                          "ray.cpus_per_worker (fractions pack workers) or raise ray.num_cpus")
 
 
 def _storage(cfg: Config) -> tuple[str, str]:
