@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recmem.config import POSITIVE, ConfigError, Range, TableConfig, checked, from_dict
@@ -103,12 +104,8 @@ class SSDTable(torch.nn.Module):
         """[N] row of each ID in the store: feature f's rows start at f * (its rows here)."""
         if features.keys() != self.feature_names:
             raise ValueError(f"expected features {self.feature_names}, got {features.keys()}")
-        local = torch.remainder(features.values(), self.num_embeddings)
-        if self.world_size > 1:
-            local = torch.div(local, self.world_size, rounding_mode="floor")
-        feature = torch.repeat_interleave(torch.arange(len(self.feature_names)),
-                                          torch.tensor(features.length_per_key()))
-        return (feature * self._local_rows + local).numpy()
+        ends = np.cumsum(features.length_per_key(), dtype=np.int64)  # [F] end of each feature's IDs
+        return _store_rows(features.values().numpy(), ends, self.num_embeddings, self.world_size, self._local_rows)
 
     def prefetch(self, features: KeyedJaggedTensor) -> np.ndarray:
         """Pin the rows of an upcoming batch and start reading the missing ones; returns the ticket
@@ -157,6 +154,19 @@ class SSDTable(torch.nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Point at a checkpoint's records and empty the cache (its rows belong to the state replaced)."""
         self.disk.restore(state)
+
+@njit(cache=True)
+def _store_rows(values: np.ndarray, ends: np.ndarray, rows: int, world_size: int, local_rows: int) -> np.ndarray:
+    """[N] raw IDs, feature f's ending at ``ends[f]`` -> [N] store rows ``f * local_rows + (id mod rows) // W``
+    (one pass: the step's bookkeeping runs beside torch's threads, so every pass over the batch counts)."""
+    out = np.empty(values.shape[0], dtype=np.int64)
+    start = 0
+    for f in range(ends.shape[0]):
+        for i in range(start, ends[f]):
+            out[i] = f * local_rows + (values[i] % rows) // world_size
+        start = ends[f]
+    return out
+
 
 def _build(cls: type[SSDTable], cfg: TableConfig, feature_names: list[str], seed: int, where: str,
            rank: int = 0, world_size: int = 1) -> SSDTable:
