@@ -346,6 +346,9 @@ def _frontier_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--lr", action="append", default=[], metavar="KIND=RATE", help="a kind's table learning rate")
     c.add_argument("--seeds", default="1", help="N: train every point with seeds 0..N-1; or a list, 3,7,11 "
                                                 "(default 1: seed 0); the report gives mean and spread")
+    c.add_argument("--multihash", default="2:concat", metavar="K:COMBINE",
+                   help="multihash's sizing: K hashes per ID, their rows summed (sum, rows of width D) or laid side by "
+                        "side (concat, rows of width D / K: K times as many rows) (default 2:concat)")
 
 
 def _frontier(cfg: Config, args: argparse.Namespace) -> int:
@@ -355,9 +358,14 @@ def _frontier(cfg: Config, args: argparse.Namespace) -> int:
         ratios = tuple(float(r) for r in args.ratios.split(","))
         rates = {k: float(v) for k, _, v in (x.partition("=") for x in args.lr)}
         seeds = [int(x) for x in args.seeds.split(",")]
+        hashes, _, combine = args.multihash.partition(":")
+        multihash = (int(hashes), combine)
     except ValueError:
-        raise ValueError(f"--ratios {args.ratios!r}, --lr {args.lr} and --seeds {args.seeds!r} must be numbers "
-                         "(KIND=RATE; seeds: a count or a comma-separated list)") from None
+        raise ValueError(f"--ratios {args.ratios!r}, --lr {args.lr}, --seeds {args.seeds!r} and --multihash "
+                         f"{args.multihash!r} must be numbers (KIND=RATE; seeds: a count or a comma-separated list; "
+                         "K:COMBINE)") from None
+    if multihash[0] < 1 or combine not in ("sum", "concat"):
+        raise ValueError(f"--multihash {args.multihash!r}: K (at least 1 hash) and sum or concat, as 2:concat")
     seeds = tuple(range(seeds[0])) if len(seeds) == 1 else tuple(seeds)
     if min(ratios) < 1 or args.steps < 0:
         raise ValueError("--ratios must be at least 1 and --steps not negative")
@@ -365,7 +373,7 @@ def _frontier(cfg: Config, args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds {args.seeds!r}: a count of at least 1, or distinct non-negative seeds")
     out = Path(args.out or Path(cfg.workdir) / "runs" / "frontier" / Path(cfg.data.root).name)
     kinds = tuple(args.kinds.split(",")) if args.kinds else FrontierOptions(out).kinds
-    opts = FrontierOptions(out, ratios, args.steps, kinds, rates, seeds)
+    opts = FrontierOptions(out, ratios, args.steps, kinds, rates, seeds, multihash)
     if args.quick:
         cfg, opts = quick(cfg, opts)
     skipped = ensure_data(cfg)

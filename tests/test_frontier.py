@@ -135,3 +135,30 @@ def test_a_paired_verdict_uses_only_seeds_both_trained():
 def test_bad_seeds_are_refused(seeds, capsys):
     assert cli.main(["frontier", "--config", "jobs/configs/frontier_synthetic.yaml", f"--seeds={seeds}"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("multihash", ["0:sum", "2:max", "two:concat", "2"])
+def test_bad_multihash_is_refused(multihash, capsys):
+    assert cli.main(["frontier", "--config", "jobs/configs/frontier_synthetic.yaml", f"--multihash={multihash}"]) == 2
+    assert "--multihash" in capsys.readouterr().err
+
+
+def test_multihash_concat_buys_more_rows_at_the_same_bytes(tmp_path):
+    # Under concat each of the k rows is D / k wide, so the same bytes hold nearly k times the rows
+    # (a row's Adagrad state is one float whatever its width); the output stays D wide either way.
+    from recmem.bench.frontier_kinds import Budget, measurer, size_multihash
+    from recmem.config import load_config
+    from tests.conftest import small_schema, tiny_overrides, write_learnable_root
+
+    root = write_learnable_root(tmp_path / "data", small_schema(), rows=4000, valid=500, vocab=3000)
+    cfg = load_config(None, tiny_overrides(root, tmp_path))  # D = 8: rows of 36 bytes, under concat of 2 of 20
+    measure = measurer(cfg)
+    full_bytes = measure(cfg.model.tables)
+    sizings = {how: size_multihash(Budget(cfg, full_bytes, 4.0, measure, how)) for how in ((2, "sum"), (2, "concat"))}
+    for (k, combine), sizing in sizings.items():
+        assert sizing.bytes <= full_bytes / 4 * 1.05 and f"num_hashes={k}, combine={combine}" in sizing.note
+        (block,) = [b for b in sizing.blocks if b.kind == "multihash"]
+        assert block.options["num_hashes"] == k and block.options["combine"] == combine
+        assert block.embedding_dim == (4 if combine == "concat" else 8)
+    rows = {how: 1 / s.blocks[-1].options["compression"] for how, s in sizings.items()}
+    assert 1.6 < rows[2, "concat"] / rows[2, "sum"] < 1.9

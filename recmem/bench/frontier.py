@@ -42,6 +42,7 @@ class FrontierOptions:
         kinds: kinds in table order; one without a ``FRONTIER_KINDS`` entry gets a row saying so.
         learning_rates: per kind, the table learning rate to use instead of the config's.
         seeds: the seeds every point is trained with (each one run per seed).
+        multihash: `multihash`'s sizing, k hashes and ``sum`` or ``concat`` (``Budget.multihash``).
     """
 
     out: Path
@@ -50,6 +51,7 @@ class FrontierOptions:
     kinds: tuple[str, ...] = WANTED_KINDS
     learning_rates: dict[str, float] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
+    multihash: tuple[int, str] = (2, "concat")
 
 
 @dataclass
@@ -117,7 +119,7 @@ def quick(cfg: Config, opts: FrontierOptions) -> tuple[Config, FrontierOptions]:
     data["model"].update(bottom_mlp=[16, cfg.model.embedding_dim or cfg.model.tables[0].embedding_dim],
                          top_mlp=[16, 1])
     return from_dict(Config, data), FrontierOptions(opts.out, (1, 16), QUICK_STEPS, opts.kinds, opts.learning_rates,
-                                                    opts.seeds)
+                                                    opts.seeds, opts.multihash)
 
 
 def steps_for(cfg: Config, opts: FrontierOptions) -> int:
@@ -176,13 +178,14 @@ def run_frontier(cfg: Config, opts: FrontierOptions) -> list[Point]:
         log = RunLogger(parent_cfg)
         log.log_params({"frontier.ratios": ",".join(f"{r:g}" for r in opts.ratios), "frontier.steps": str(steps),
                         "frontier.full_bytes": str(full_bytes),
-                        "frontier.seeds": ",".join(str(s) for s in opts.seeds)})
+                        "frontier.seeds": ",".join(str(s) for s in opts.seeds),
+                        "frontier.multihash": "{}:{}".format(*opts.multihash)})
         # full (the reference, at 1x only) first, then ratio by ratio in the order given, so that a
         # long run's partial report (rewritten after every point) holds whole ratios
         order = [("full", 1.0)] if "full" in opts.kinds else []
         order += [(kind, ratio) for ratio in opts.ratios for kind in opts.kinds if kind != "full"]
         for kind, ratio in order:
-            budget = Budget(cfg, full_bytes, ratio, measure)
+            budget = Budget(cfg, full_bytes, ratio, measure, opts.multihash)
             for seed in opts.seeds:
                 points.append(_point(cfg, kind, ratio, budget, steps, out, tracking_uri,
                                      opts.learning_rates.get(kind), seed))

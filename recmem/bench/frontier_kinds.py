@@ -38,12 +38,14 @@ class Budget:
 
     Attributes:
         measure: blocks -> bytes of the built tables (``TableCollection.memory_bytes()``), cached.
+        multihash: `multihash`'s k hashes and how their rows combine (``sum`` or ``concat``).
     """
 
     cfg: Config
     full_bytes: int
     ratio: float
     measure: Callable[[list[TableConfig]], int]
+    multihash: tuple[int, str] = (2, "concat")
 
     @property
     def target(self) -> int:
@@ -176,18 +178,23 @@ def _rows(n: int, s: int) -> int:
 
 
 def size_multihash(budget: Budget) -> Sizing:
-    """Two hashes summed (the Bloom-embedding default, k = 2) into ``ceil(n s / PER)`` shared rows
-    per feature of n > :data:`SMALL_FEATURE` IDs (``options.compression`` PER / s), ``s`` the most
-    that fit: the same rows as `hash` at the same bytes."""
+    """k hashes of the raw ID (``budget.multihash``: k and ``sum`` or ``concat``) into ``ceil(n s /
+    PER)`` shared rows per feature of n > :data:`SMALL_FEATURE` IDs (``options.compression`` PER / s),
+    ``s`` the most that fit: under ``sum`` rows of width D, the same rows as `hash` at the same bytes;
+    under ``concat`` rows of width D / k, so nearly k times as many rows (each row's Adagrad state is
+    one float whatever its width)."""
     full, large = _split(budget)
     names = [f for f, _ in large]
-    make = lambda s: full + [budget.block("multihash", feature_names=names,  # noqa: E731
-                                          options={"num_hashes": 2, "compression": PER / s})]
-    found = _search(make, budget, 1, 2 * PER, growing=True)
+    k, combine = budget.multihash
+    width = budget.base.embedding_dim // k if combine == "concat" else budget.base.embedding_dim
+    make = lambda s: full + [dataclasses.replace(budget.block(  # noqa: E731
+        "multihash", feature_names=names, options={"num_hashes": k, "combine": combine, "compression": PER / s}),
+        embedding_dim=width)]
+    found = _search(make, budget, 1, 2 * PER * (k if combine == "concat" else 1), growing=True)
     if found is None:
         return _unreachable(budget, make(1), f"n / {PER} rows per feature")
-    return Sizing(make(found[0]), found[1], f"num_hashes=2, n x {found[0] / PER:.4g} rows per feature"
-                                            + _small_note(full))
+    return Sizing(make(found[0]), found[1], f"num_hashes={k}, combine={combine}, n x {found[0] / PER:.4g} rows "
+                                            "per feature" + _small_note(full))
 
 
 def size_qr(budget: Budget) -> Sizing:
