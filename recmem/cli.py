@@ -346,9 +346,9 @@ def _frontier_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--lr", action="append", default=[], metavar="KIND=RATE", help="a kind's table learning rate")
     c.add_argument("--seeds", default="1", help="N: train every point with seeds 0..N-1; or a list, 3,7,11 "
                                                 "(default 1: seed 0); the report gives mean and spread")
-    c.add_argument("--multihash", default="2:concat", metavar="K:COMBINE",
+    c.add_argument("--multihash", default="4:concat", metavar="K:COMBINE",
                    help="multihash's sizing: K hashes per ID, their rows summed (sum, rows of width D) or laid side by "
-                        "side (concat, rows of width D / K: K times as many rows) (default 2:concat)")
+                        "side (concat, rows of width D / K: up to K times the rows at the same bytes) (default 4:concat)")
 
 
 def _frontier(cfg: Config, args: argparse.Namespace) -> int:
@@ -365,7 +365,7 @@ def _frontier(cfg: Config, args: argparse.Namespace) -> int:
                          f"{args.multihash!r} must be numbers (KIND=RATE; seeds: a count or a comma-separated list; "
                          "K:COMBINE)") from None
     if multihash[0] < 1 or combine not in ("sum", "concat"):
-        raise ValueError(f"--multihash {args.multihash!r}: K (at least 1 hash) and sum or concat, as 2:concat")
+        raise ValueError(f"--multihash {args.multihash!r}: K (at least 1 hash) and sum or concat, as 4:concat")
     seeds = tuple(range(seeds[0])) if len(seeds) == 1 else tuple(seeds)
     if min(ratios) < 1 or args.steps < 0:
         raise ValueError("--ratios must be at least 1 and --steps not negative")

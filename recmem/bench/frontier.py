@@ -51,7 +51,7 @@ class FrontierOptions:
     kinds: tuple[str, ...] = WANTED_KINDS
     learning_rates: dict[str, float] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
-    multihash: tuple[int, str] = (2, "concat")
+    multihash: tuple[int, str] = (4, "concat")
 
 
 @dataclass
