@@ -59,6 +59,30 @@ def write_learnable_root(root: Path, schema: SchemaConfig, rows: int = 6000, val
     return root
 
 
+def recmem_workers() -> list[int]:
+    """PIDs of the live Ray workers of recmem's group (``ray::RecmemWorker``) among this process's
+    descendants: this test's own Ray only, never another run's on the same host."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if fields[0] != "Z":
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, stack = [], [os.getpid()]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            stack.append(child)
+            try:
+                if b"RecmemWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(child)
+            except OSError:
+                continue
+    return found
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """A learnable 4-sparse / 3-dense data root shared by the session (read-only by convention)."""

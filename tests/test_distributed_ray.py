@@ -25,7 +25,7 @@ from recmem.config import ConfigError
 from recmem.train.distributed import evaluate_ray, train_ray
 from recmem.train.distributed.store import shard_name
 from recmem.train.local import train_local
-from tests.conftest import small_schema, tiny_config, write_learnable_root
+from tests.conftest import recmem_workers, small_schema, tiny_config, write_learnable_root
 
 # 4096 training rows in global batches of 256: 16 steps.
 COMMON = ("train.epochs=1", "train.log_every=4", "ray.num_workers=2", "ray.cpus_per_worker=0.5")
@@ -77,27 +77,6 @@ def test_evaluate_scores_the_last_checkpoint_on_the_workers_that_wrote_it(two_wo
     assert metrics["valid/rows"] == result.metrics["valid/rows"]
 
 
-def _train_workers() -> list[int]:
-    """PIDs of the Ray workers of this test's own Ray: descendants of this process only."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, stack = [], [os.getpid()]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            stack.append(child)
-            try:
-                if b"RecmemWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(child)
-            except OSError:
-                continue
-    return found
-
-
 def _latest_checkpoint_step(run_dir: Path) -> int | None:
     steps = [json.loads(m.read_text())["step"] for m in run_dir.glob("checkpoint_*/meta.json")]
     return max(steps, default=None)
@@ -114,7 +93,7 @@ def test_killed_worker_resumes_from_its_checkpoint(root, reference, ray_cluster,
     killed_at = None
     while runner.is_alive() and killed_at is None:
         step = _latest_checkpoint_step(run_dir)
-        workers = _train_workers()
+        workers = recmem_workers()
         if step is not None and workers:
             os.kill(workers[-1], signal.SIGKILL)
             killed_at = step

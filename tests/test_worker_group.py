@@ -16,36 +16,14 @@ from pathlib import Path
 import pytest
 
 from recmem.train.distributed.group import WorkerFailed, run_workers, worker_context
-from tests.conftest import tiny_config
-
-
-def _group_processes() -> list[int]:
-    """PIDs of live group workers (``ray::RecmemWorker``) among this process's descendants."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, stack = [], [os.getpid()]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            stack.append(child)
-            try:
-                if b"RecmemWorker" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(child)
-            except OSError:
-                continue
-    return found
+from tests.conftest import recmem_workers, tiny_config
 
 
 def _no_group_left(timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
-    while _group_processes() and time.monotonic() < deadline:
+    while recmem_workers() and time.monotonic() < deadline:
         time.sleep(0.2)
-    return not _group_processes()
+    return not recmem_workers()
 
 
 def _config(tmp_path: Path):
@@ -131,7 +109,7 @@ def test_ctrl_c_on_the_driver_ends_the_workers(ray_cluster, tmp_path):
         deadline = time.monotonic() + 120
         while len(list(tmp_path.glob("running-*"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        running.extend(_group_processes())
+        running.extend(recmem_workers())
         _thread.interrupt_main()
 
     threading.Thread(target=interrupt_once_running, daemon=True).start()
