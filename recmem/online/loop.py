@@ -190,8 +190,7 @@ def _follow(cfg: Config, say: Say, stop: StopFlag, source: StreamSource,
                     record["freshness_s"] = time.time() - window.landed
             if snapshots is not None:
                 record.update(snapshots(batches, record, windows))
-            session.log.log_metrics({f"online/{k}": float(v) for k, v in record.items()
-                                     if isinstance(v, (int, float)) and k != "newest_time"}, session.step)
+            log_window(session, record)
             result.history.append(record)
             say(_status(record, rows - result.rows, time.monotonic() - started))
             idle_since = time.monotonic()
@@ -220,6 +219,12 @@ def _score_then_train(session: Any, window: Window, cfg: Config) -> tuple[list, 
     return batches, {"key": window.key, "rows": window.table.num_rows, "auc": scored["online/auc"],
                      "logloss": scored["online/logloss"], "calibration": scored["online/calibration"],
                      "newest_time": newest, "rows_live": sum(live) if live else math.nan}
+
+
+def log_window(session: Any, record: dict[str, Any]) -> None:
+    """A window's figures as ``online/<name>`` metrics at the session's step (its numbers only)."""
+    session.log.log_metrics({f"online/{k}": float(v) for k, v in record.items()
+                             if isinstance(v, (int, float)) and k != "newest_time"}, session.step)
 
 
 def _status(record: dict[str, Any], rows: int, seconds: float) -> str:

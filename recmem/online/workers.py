@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.fs
 
 from recmem.config import Config
-from recmem.online.loop import OnlineResult, Say, StopFlag, _status, online_key
+from recmem.online.loop import OnlineResult, Say, StopFlag, _status, log_window, online_key
 
 STOP = "STOP"
 """Written into the run folder by the driver on SIGTERM / SIGINT: the workers finish and exit."""
@@ -113,8 +113,7 @@ def follow_shared(cfg: Config, run: tuple[pyarrow.fs.FileSystem, str], group_id:
                         record["freshness_s"] = time.time() - share.landed
             if snapshots is not None:
                 record.update(snapshots(share, record, windows))
-            session.log.log_metrics({f"online/{k}": float(v) for k, v in record.items()
-                                     if isinstance(v, (int, float)) and k != "newest_time"}, session.step)
+            log_window(session, record)
             result.history.append(record)
             if rank == 0:
                 say(_status(record, rows - result.rows, time.monotonic() - started))
