@@ -273,7 +273,7 @@ def test_on_ray_a_killed_worker_restarts_the_group_and_every_row_trains_once(str
     import time
 
     from recmem.online.workers import STOP
-    from tests.test_distributed_ray import _train_workers
+    from tests.conftest import recmem_workers
 
     root, landing = stream
     files = sorted(landing.glob("part-*.parquet"))
@@ -289,7 +289,7 @@ def test_on_ray_a_killed_worker_restarts_the_group_and_every_row_trains_once(str
     run = tmp_path / cfg.online.checkpoint_dir / "ray" / cfg.ray.run_name
     killed = False
     while runner.is_alive() and not killed:
-        workers = _train_workers()
+        workers = recmem_workers()
         if list(run.glob("checkpoint_*/meta.json")) and workers:
             os.kill(workers[-1], signal.SIGKILL)
             killed = True
