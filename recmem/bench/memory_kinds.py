@@ -36,6 +36,9 @@ VARIANTS: dict[str, TableConfig] = {
     "multihash_k2_c4": TableConfig(kind="multihash", options={"num_hashes": 2, "compression": 4}),
     "multihash_k2_c16": TableConfig(kind="multihash", options={"num_hashes": 2, "compression": 16}),
     "multihash_k2_c64": TableConfig(kind="multihash", options={"num_hashes": 2, "compression": 64}),
+    # the frontier's multihash sizing: 4 hashed rows of width D/4 per ID, concatenated
+    "multihash_k4_concat_c16": TableConfig(kind="multihash", options={"num_hashes": 4, "combine": "concat",
+                                                                      "compression": 16}),
     # mixed_dim: d0 = the block's width, d_i = d0 * (n_min / n_i) ** alpha (p2: rounded down to powers of two)
     "mixed_dim_a03": TableConfig(kind="mixed_dim", options={"alpha": 0.3}),
     "mixed_dim_a05p2": TableConfig(kind="mixed_dim", options={"alpha": 0.5, "power_of_two": True}),
@@ -62,6 +65,9 @@ def _model(cfg: Config, block: TableConfig) -> CTRModel:
     table = copy.deepcopy(block)
     table.embedding_dim, table.learning_rate = base.embedding_dim, base.learning_rate
     model_cfg = copy.deepcopy(cfg.model)
+    if table.options.get("combine") == "concat":  # k rows of width D / k make the model's width D
+        model_cfg.embedding_dim = base.embedding_dim
+        table.embedding_dim = base.embedding_dim // table.options["num_hashes"]
     model_cfg.tables = [table]
     return build_model(model_cfg, cfg.data.schema, Path(cfg.data.root), cfg.seed)
 
@@ -106,10 +112,11 @@ def measure(cfg: Config, variants: dict[str, TableConfig], opts: ThroughputOptio
 
 def report(figures: dict[str, KindFigures], cfg: Config) -> str:
     """A table of the figures, with the CPU's vector capability beside the speeds."""
+    width = max(len("variant"), *map(len, figures)) + 2
     lines = [f"batch {cfg.data.batch_size}, D={cfg.model.tables[0].embedding_dim}, "
              f"cpu capability {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}",
-             f"{'variant':<16}{'table MiB':>11}{'bytes/ID':>10}{'x smaller':>11}{'samples/s':>12}{'x full':>8}"]
+             f"{'variant':<{width}}{'table MiB':>11}{'bytes/ID':>10}{'x smaller':>11}{'samples/s':>12}{'x full':>8}"]
     for name, f in figures.items():
-        lines.append(f"{name:<16}{f.memory_bytes / 2**20:>11.2f}{f.bytes_per_id:>10.1f}{f.memory_ratio:>11.1f}"
+        lines.append(f"{name:<{width}}{f.memory_bytes / 2**20:>11.2f}{f.bytes_per_id:>10.1f}{f.memory_ratio:>11.1f}"
                      f"{f.samples_per_second:>12,.0f}{f.speed_ratio:>8.2f}")
     return "\n".join(lines)
