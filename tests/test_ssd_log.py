@@ -1,9 +1,13 @@
 """The ssd row store's log (recmem/tables/ssd/store.py): a row rewritten any number of times reads back
-its newest copy, compaction keeps every live row and frees dead space, the row map survives a
-restore, and a SIGKILL mid-append or mid-compaction restores the last checkpoint exactly."""
+its newest copy (read by threads or, with O_DIRECT, by kernel AIO), compaction keeps every live row
+and frees dead space, the row map survives a restore, a SIGKILL mid-append or mid-compaction restores
+the last checkpoint exactly, and a truncated file or a kernel without AIO is handled."""
 
 from __future__ import annotations
 
+import errno
+import mmap
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recmem.tables.ssd.aio import AsyncReader
 from recmem.tables.ssd.store import RowStore, StoreError
 
 ROWS, DIM, SEGMENT_BLOCKS = 600, 8, 4  # D = 8: 102 records a log block, 408 a segment
@@ -40,11 +45,13 @@ OPS = st.lists(st.one_of(st.tuples(st.just("write"), st.integers(1, ROWS), st.in
                          st.just(("commit",)), st.just(("restore",))), min_size=1, max_size=25)
 
 
+@pytest.mark.parametrize("direct_io", [False, True], ids=["threads", "kernel-aio"])
 @settings(max_examples=30, deadline=None)
 @given(OPS)
-def test_reads_give_the_newest_copy_through_writes_deletes_commits_and_restores(ops):
+def test_reads_give_the_newest_copy_through_writes_deletes_commits_and_restores(direct_io, ops):
     with tempfile.TemporaryDirectory() as tmp:
-        store = _store(Path(tmp))
+        store = _store(Path(tmp), direct_io=direct_io, io_depth=8)  # few in flight: reads queue up
+        assert store.io_engine.startswith("kernel AIO" if direct_io else "threads")
         initial = store.read(np.arange(ROWS))
         now, committed = initial.copy(), None
         for op in ops:
@@ -167,3 +174,50 @@ def test_sigkill_mid_append_or_compaction_restores_the_last_checkpoint(tmp_path,
     again.restore(torch.load(tmp_path / "state.pt", weights_only=True))
     np.testing.assert_array_equal(again.read(np.arange(ROWS)), expected)  # no torn row
     again.close()
+
+
+@pytest.mark.parametrize("direct_io", [False, True], ids=["threads", "kernel-aio"])
+def test_a_truncated_file_is_a_store_error_naming_it(tmp_path, direct_io):
+    store = _store(tmp_path / "rows", direct_io=direct_io)
+    rng = np.random.default_rng(3)
+    rows = rng.choice(ROWS, size=300, replace=False)
+    store.write(rows, _records(rng, 300))
+    os.truncate(store.path, store.region_bytes)  # the log is gone: a careless copy, a full disk
+    with pytest.raises(StoreError, match=r"rows\.bin: short read at byte"):
+        store.read(rows)
+    store.close()
+
+
+def test_without_kernel_aio_reads_fall_back_to_threads_with_a_warning(tmp_path, monkeypatch):
+    def unavailable(fd, depth):
+        raise OSError(errno.EAGAIN, "io_setup: Resource temporarily unavailable (aio-max-nr used up)")
+
+    monkeypatch.setattr("recmem.tables.ssd.store.AsyncReader", unavailable)
+    with pytest.warns(UserWarning, match="kernel AIO unavailable .*aio-max-nr.* reading with 2 threads"):
+        store = _store(tmp_path / "rows", direct_io=True)
+    assert store.io_engine == "threads (2)"
+    rng = np.random.default_rng(4)
+    rows = rng.choice(ROWS, size=100, replace=False)
+    values = _records(rng, 100)
+    store.write(rows, values)
+    np.testing.assert_array_equal(store.read(rows), values)
+    store.close()
+
+
+def test_a_failed_kernel_read_raises_after_every_read_in_flight_has_landed(tmp_path):
+    path = tmp_path / "blocks"
+    path.write_bytes(np.arange(64 * 1024, dtype=np.uint32).tobytes())  # 64 blocks
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    reader = AsyncReader(fd, depth=4)
+    buffer = mmap.mmap(-1, 16 * 4096)
+    offsets = np.arange(16, dtype=np.int64) * 4 * 4096  # every fourth block
+    got = reader.read(memoryview(buffer), offsets, np.full(16, 4096), np.arange(16) * 4096)
+    assert (got == 4096).all()
+    words = np.frombuffer(buffer, dtype=np.uint32).reshape(16, 1024)
+    np.testing.assert_array_equal(words[:, 0], offsets // 4)
+    with pytest.raises(OSError, match="Invalid argument"):  # O_DIRECT needs aligned lengths: the kernel refuses
+        reader.read(memoryview(buffer), offsets, np.r_[np.full(15, 4096), 100], np.arange(16) * 4096)
+    got = reader.read(memoryview(buffer), offsets[:2], np.full(2, 4096), np.arange(2) * 4096)  # still usable
+    assert (got == 4096).all()
+    reader.close()
+    os.close(fd)

@@ -51,7 +51,8 @@ class SSDBenchOptions:
         warmup_chunk, warmup_rise: see ``warmup``.
         rounds, steps: the variants take turns ``rounds`` times, ``steps`` steps each.
         disk_reads: random blocks read to time the disk.
-        io_threads: reads in flight at once.
+        io_depth: reads in flight through kernel AIO (the table's ``io_depth``; 0: threads).
+        io_threads: threads reading at once where reads do not go through kernel AIO.
         seed: seeds data and models.
         folder: where the row file goes (under ``<folder>/rows``, removed afterwards; empty: a
             temporary folder).
@@ -70,6 +71,7 @@ class SSDBenchOptions:
     rounds: int = 3
     steps: int = 6
     disk_reads: int = 40_000
+    io_depth: int = 256
     io_threads: int = 16
     seed: int = 0
     folder: str = ""
@@ -96,6 +98,7 @@ class SSDMeasured:
     warmup_steps: int = 0
     warmup_seconds: float = 0.0
     warmup_hit_rates: list[float] = field(default_factory=list)
+    io_engine: str = ""
     cpu: str = ""
 
 
@@ -158,7 +161,8 @@ def run_ssd_bench(opts: SSDBenchOptions) -> SSDMeasured:
         folder = Path(opts.folder or tmp) / "rows"
         cache_rows = max(int(opts.cache_fraction * opts.tables * opts.rows), 1)
         disk = SSDTable(schema.sparse, opts.rows, opts.dim, lr, folder, cache_rows, opts.seed,
-                        opts.io_threads, direct_io=True)
+                        opts.io_threads, direct_io=True, io_depth=opts.io_depth)
+        measured.io_engine = disk.disk.store.io_engine
         measured.disk_reads_per_second = disk_random_reads(disk, opts.disk_reads, opts.seed)
         ssd_model, ssd_step = _model(disk, schema, cfg)
         tables = ssd_model.tables
@@ -233,7 +237,7 @@ def report(m: SSDMeasured, opts: SSDBenchOptions) -> tuple[str, dict]:
     lines = [f"cpu capability: {m.cpu}; {os.cpu_count()} cores; tables {opts.tables} x {opts.rows:,} rows x dim "
              f"{opts.dim} = {m.table_bytes / 2**30:.2f} GiB of rows + Adagrad state on disk; cache "
              f"{opts.cache_fraction:.0%} of rows ({m.cache_bytes / 2**20:.0f} MiB in RAM with its maps); batch {opts.batch}",
-             f"disk: {m.disk_reads_per_second:,.0f} random 4 KiB reads/s (O_DIRECT, {opts.io_threads} in flight)",
+             f"disk: {m.disk_reads_per_second:,.0f} random 4 KiB reads/s (O_DIRECT, {m.io_engine})",
              f"{'variant':<18}{'samples/s':>12}{'hit rate':>10}{'unique hit':>11}{'misses/step':>13}{'wait s':>8}"
              f"{'CPU s/step':>12}"]
     for name in ("ram", "ssd_no_prefetch", "ssd_prefetch"):
@@ -249,7 +253,7 @@ def report(m: SSDMeasured, opts: SSDBenchOptions) -> tuple[str, dict]:
               "table_bytes": m.table_bytes, "cache_bytes": m.cache_bytes, "peak_rss_ssd": m.peak_rss_ssd,
               "peak_rss_all": m.peak_rss_all, "rss_baseline": m.rss_baseline, "warmup_steps": m.warmup_steps,
               "warmup_seconds": m.warmup_seconds, "warmup_hit_rates": m.warmup_hit_rates,
-              "misses_allowed_for_0.7x_ram": allowed, "cpu": m.cpu}
+              "misses_allowed_for_0.7x_ram": allowed, "io_engine": m.io_engine, "cpu": m.cpu}
     lines.append(f"disk-bound rate at these misses: {disk_bound:,.0f} samples/s; (c) / min((a), disk bound) = "
                  f"{record['prefetch_vs_bound']:.2f} (target >= 0.9); (c) / (b) = {record['prefetch_vs_no_prefetch']:.2f}; "
                  f"(c) / (a) = {record['prefetch_vs_ram']:.2f}")

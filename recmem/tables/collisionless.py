@@ -285,7 +285,7 @@ def _build(cls: type[CollisionlessTable], cfg: TableConfig, feature_names: list[
         path = Path(o.ssd.path) if world_size == 1 else Path(o.ssd.path) / f"rank-{rank}-of-{world_size}"
         try:
             store = RowStore(path, [capacity] * len(feature_names), cfg.embedding_dim, seed, o.ssd.io_threads,
-                             o.ssd.direct_io, initialise=False)
+                             o.ssd.direct_io, initialise=False, io_depth=o.ssd.io_depth)
         except (OSError, StoreError, LockedError) as e:
             raise ConfigError(f"{where}.options.ssd.path: {e}") from None
         disk = DiskRows(store, max(-(-o.ssd.cache_rows // world_size), 1), cfg.learning_rate)

@@ -42,16 +42,20 @@ class SSDOptions:
             the same rows, width and seed is reused, so a restart does not rewrite the initial rows.
         cache_rows: rows held in RAM, shared by the block's features; it must hold every row the
             batches in the prefetch window need at once (a smaller cache is an error naming the minimum).
-        io_threads: disk reads in flight at once (rows written back go to the file's log in one
-            sequential write per batch).
+        io_threads: threads reading from disk at once where reads do not go through kernel AIO
+            (rows written back go to the file's log in one sequential write per batch).
         direct_io: read and append with O_DIRECT, bypassing the page cache (which otherwise keeps
-            recently read and written blocks in RAM outside the cache's bound).
+            recently read and written blocks in RAM outside the cache's bound). Reads then go
+            through Linux's kernel AIO where it is available (a third of the threads' kernel time
+            per read: ``store.py``).
+        io_depth: reads in flight through kernel AIO (with ``direct_io``; 0: threads only).
     """
 
     path: str = checked("", non_empty=True)
     cache_rows: int = checked(65536, POSITIVE)
     io_threads: int = checked(16, Range(1, 256))
     direct_io: bool = False
+    io_depth: int = checked(256, Range(0, 4096))
 
 
 class SSDTable(torch.nn.Module):
@@ -65,7 +69,7 @@ class SSDTable(torch.nn.Module):
         path: the row file's folder.
         cache_rows: slots in RAM.
         seed: seeds the initial rows (as ``FusedRowwiseAdagrad`` with this seed draws them).
-        io_threads, direct_io: as in :class:`SSDOptions`.
+        io_threads, direct_io, io_depth: as in :class:`SSDOptions`.
         rank, world_size: hold only the rows worker ``rank`` of ``world_size`` owns in the ID-sharded
             path (rows ``k`` with ``k mod W == rank``, at local row ``k // W``); a forward then gets
             those row numbers, not raw IDs (``recmem/tables/sharded.py``).
@@ -73,12 +77,12 @@ class SSDTable(torch.nn.Module):
 
     def __init__(self, feature_names: list[str], num_embeddings: int, embedding_dim: int, learning_rate: float,
                  path: str | Path, cache_rows: int, seed: int = 0, io_threads: int = 16,
-                 direct_io: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 direct_io: bool = False, rank: int = 0, world_size: int = 1, io_depth: int = 256) -> None:
         super().__init__()
         self.feature_names = list(feature_names)
         self.num_embeddings, self.embedding_dim, self.world_size = num_embeddings, embedding_dim, world_size
         store = RowStore(path, [num_embeddings] * len(feature_names), embedding_dim, seed, io_threads, direct_io,
-                         rank, world_size)
+                         rank, world_size, io_depth=io_depth)
         self._local_rows = store.rows[0] if store.rows else 0
         # Not a module: the cached rows belong to the disk and are written back at each checkpoint;
         # the state dict carries the row map (get_extra_state), never a copy of the rows.
@@ -177,7 +181,8 @@ def _build(cls: type[SSDTable], cfg: TableConfig, feature_names: list[str], seed
     path = Path(o.path) if world_size == 1 else Path(o.path) / f"rank-{rank}-of-{world_size}"
     try:
         return cls(feature_names, cfg.num_embeddings, cfg.embedding_dim, cfg.learning_rate, path,
-                   max(-(-o.cache_rows // world_size), 1), seed, o.io_threads, o.direct_io, rank, world_size)
+                   max(-(-o.cache_rows // world_size), 1), seed, o.io_threads, o.direct_io, rank, world_size,
+                   o.io_depth)
     except ValueError as e:
         raise ConfigError(f"{where}.embedding_dim: {e}") from None
     except (OSError, StoreError, LockedError) as e:

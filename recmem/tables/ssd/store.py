@@ -37,6 +37,7 @@ import json
 import mmap
 import os
 import secrets
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from recmem.lock import exclusive
+from recmem.tables.ssd.aio import AsyncReader
 from recmem.tables.sharded import initial_rows
 
 BLOCK = 4096
@@ -67,19 +69,22 @@ class RowStore:
         rows: rows of each (whole) table, stored back to back.
         embedding_dim: D.
         seed: the initial rows are ``FusedRowwiseAdagrad(rows, D, lr, seed)``'s, replayed in chunks.
-        io_threads: reads in flight at once.
-        direct_io: read and append with O_DIRECT (the page cache neither helps nor fills).
+        io_threads: threads reading at once, where reads do not go through kernel AIO.
+        direct_io: read and append with O_DIRECT (the page cache neither helps nor fills); reads
+            then go through kernel AIO (``aio.py``), ``io_depth`` in flight, where the kernel allows.
         rank, world_size: store only rows ``rank, rank + W, ...`` of each table (an ID-sharded
             worker's part, local row ``k // W``), with the whole table's initial values.
         initialise: write the initial rows; False leaves them zero, for owners that give a row its
             values when they first use it (collisionless tables, on admission).
         segment_blocks: blocks per log segment (the unit of reuse and compaction).
         compact_below: compact once this share of the log's records or less is live.
+        io_depth: reads in flight through kernel AIO (0: threads only).
     """
 
     def __init__(self, folder: str | Path, rows: list[int], embedding_dim: int, seed: int,
                  io_threads: int = 16, direct_io: bool = False, rank: int = 0, world_size: int = 1,
-                 initialise: bool = True, segment_blocks: int = 4096, compact_below: float = 0.5) -> None:
+                 initialise: bool = True, segment_blocks: int = 4096, compact_below: float = 0.5,
+                 io_depth: int = 256) -> None:
         self.folder = Path(folder)
         self.global_rows, self.embedding_dim, self.seed = list(rows), embedding_dim, seed
         self.rank, self.world_size, self.initialise = rank, world_size, initialise
@@ -110,6 +115,16 @@ class RowStore:
         self._written_since_base = False
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="recmem-ssd-io")
         self._threads = io_threads
+        # With O_DIRECT, one thread submits a batch's reads to the kernel (aio.py: a third of the
+        # kernel time of a thread pool's blocking reads); buffered reads, or a kernel without AIO,
+        # go through the pool.
+        self._aio: AsyncReader | None = None
+        if direct_io and io_depth:
+            try:
+                self._aio = AsyncReader(self._fd, io_depth)
+            except OSError as e:
+                warnings.warn(f"{self.path}: kernel AIO unavailable ({e}); reading with {io_threads} threads")
+        self.io_engine = f"threads ({io_threads})" if self._aio is None else f"kernel AIO ({io_depth} in flight)"
         self._buffers: dict[str, mmap.mmap] = {}
         self.bytes_read = self.bytes_written = self.rows_compacted = 0
 
@@ -194,12 +209,22 @@ class RowStore:
         starts = np.flatnonzero(np.r_[True, np.diff(unique) != BLOCK])
         ends = np.append(starts[1:], len(unique))
 
-        def read_runs(part: range) -> None:
-            for i in part:
-                s, e = int(starts[i]), int(ends[i])
-                self._read_exactly(view[s * BLOCK:e * BLOCK], int(unique[s]))
+        if self._aio is not None:
+            lengths = (ends - starts) * BLOCK
+            try:
+                got = self._aio.read(view, unique[starts], lengths, starts * BLOCK)
+            except OSError as e:
+                raise StoreError(f"{self.path}: {e}") from None
+            if (got != lengths).any():
+                at = int(unique[starts][np.flatnonzero(got != lengths)[0]])
+                raise StoreError(f"{self.path}: short read at byte {at} (file truncated?)")
+        else:
+            def read_runs(part: range) -> None:
+                for i in part:
+                    s, e = int(starts[i]), int(ends[i])
+                    self._read_exactly(view[s * BLOCK:e * BLOCK], int(unique[s]))
 
-        list(self._pool.map(read_runs, _parts(len(starts), self._threads)))
+            list(self._pool.map(read_runs, _parts(len(starts), self._threads)))
         floats = np.frombuffer(view, dtype=np.float32)
         first = (inverse * BLOCK + inner) // 4  # [n] each record's first float in the buffer
         out[:] = floats[first[:, None] + np.arange(self.record)]
@@ -370,6 +395,8 @@ class RowStore:
     def close(self) -> None:
         """Release the file and the I/O threads."""
         self._pool.shutdown()
+        if self._aio is not None:
+            self._aio.close()
         self._buffers.clear()
         os.close(self._fd)
         self._lock.close()
