@@ -4,8 +4,8 @@
     python jobs/bench_ssd.py --quick          # tiny sizes, seconds (the smoke test)
     python jobs/bench_ssd.py --rows 200000 --folder /mnt/nvme/tmp
     python jobs/bench_ssd.py --formats        # the row formats compared: recmem's block file, LMDB, RocksDB
-    OMP_WAIT_POLICY=PASSIVE python jobs/bench_ssd.py   # torch's idle OpenMP threads sleep instead of
-                                                       # spinning against the disk's I/O threads
+    python jobs/bench_ssd.py --cache-fraction 0.75 --warmup-seconds 600   # a cache where the misses allow 0.7x of RAM
+    python jobs/bench_ssd.py --io-depth 0     # reads by a pool of threads instead of kernel AIO
 
 Needs rows x tables x (dim + 1) x 4 bytes free under --folder (the system's temporary folder by default;
 ~1.4 GB at the defaults), and as much again for the log of rows written back. Prints the CPU's
