@@ -32,8 +32,9 @@ from recmem.tables.ssd.store import RowStore
 
 
 # A slot's use count stops here: a row that was hot keeps its place through at most this many turns
-# of the hand without use. 3 (two bits' worth) cut the misses per step by 19% against the
-# second-chance bit (1) at the 75% cache of ``jobs/bench_ssd.py`` (3.5k against 4.3k per step).
+# of the hand without use. Against a second-chance bit (1), 3 cut the misses per step by 16% at the
+# 75% cache of ``jobs/bench_ssd.py`` (3.2k against 3.8k) and by 5% at its 10% cache; 7 and 15 did
+# no better than 3.
 USE_CAP = 3
 
 
