@@ -210,14 +210,13 @@ class RowStore:
         ends = np.append(starts[1:], len(unique))
 
         if self._aio is not None:
-            lengths = (ends - starts) * BLOCK
+            offsets, lengths = unique[starts], (ends - starts) * BLOCK
             try:
-                got = self._aio.read(view, unique[starts], lengths, starts * BLOCK)
+                got = self._aio.read(view, offsets, lengths, starts * BLOCK)
             except OSError as e:
                 raise StoreError(f"{self.path}: {e}") from None
             if (got != lengths).any():
-                at = int(unique[starts][np.flatnonzero(got != lengths)[0]])
-                raise StoreError(f"{self.path}: short read at byte {at} (file truncated?)")
+                raise self._short_read(int(offsets[np.flatnonzero(got != lengths)[0]]))
         else:
             def read_runs(part: range) -> None:
                 for i in part:
@@ -241,7 +240,10 @@ class RowStore:
 
     def _read_exactly(self, view: memoryview, offset: int) -> None:
         if os.preadv(self._fd, [view], offset) != len(view):
-            raise StoreError(f"{self.path}: short read at byte {offset} (file truncated?)")
+            raise self._short_read(offset)
+
+    def _short_read(self, offset: int) -> StoreError:
+        return StoreError(f"{self.path}: short read at byte {offset} (file truncated?)")
 
     def write(self, rows: np.ndarray, records: np.ndarray) -> None:
         """Store [n, D + 1] records of [n] distinct rows at the log's head (never over a block a
